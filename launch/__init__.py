@@ -1,0 +1,1 @@
+"""leantrain.launch: recipes plus a cluster description into launch commands."""

@@ -1,0 +1,27 @@
+"""leantrain.optim: memory-lean optimizers with momentum-embedded accumulation.
+
+Depends on torch only, so it drops into a plain PyTorch loop,
+``transformers.Trainer`` or Lightning. Call ``step()`` after every micro-batch
+backward; ``optimizer.updated`` tells whether that call moved the parameters.
+"""
+
+from .adafactor import AdaFactor
+from .adamw import AdamW
+from .adax import AdaX
+from .ema import EMA
+from .lookahead import Lookahead
+from .memory import state_bytes, state_bytes_by_component
+from .schedule import PiecewiseLinearLR
+from .sgd import SGD
+
+__all__ = [
+    "SGD",
+    "AdamW",
+    "AdaFactor",
+    "AdaX",
+    "Lookahead",
+    "EMA",
+    "PiecewiseLinearLR",
+    "state_bytes",
+    "state_bytes_by_component",
+]

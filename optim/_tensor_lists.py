@@ -1,0 +1,40 @@
+"""Helpers for multi-tensor (``torch._foreach_*``) code over parameter lists."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+# Boundary updates allocate temporaries (e.g. AdamW's denominator) the size of
+# the tensors they process. Processing the list in chunks of about this many
+# elements bounds that transient memory to ~64 MiB in fp32 instead of a full
+# copy of the optimizer state; a single larger tensor forms its own chunk.
+CHUNK_NUMEL = 16 * 1024 * 1024
+
+
+def chunks(tensors: list[torch.Tensor], max_numel: int = CHUNK_NUMEL) -> Iterator[list[int]]:
+    """Yield index lists covering ``tensors`` in order, each chunk <= ``max_numel`` elements."""
+    chunk: list[int] = []
+    size = 0
+    for i, tensor in enumerate(tensors):
+        if chunk and size + tensor.numel() > max_numel:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(i)
+        size += tensor.numel()
+    if chunk:
+        yield chunk
+
+
+def ema_split(beta: float, k: int, mode: str) -> tuple[float, float]:
+    """(decay, weight) of one micro-step's fold into an EMA moment ``beta``.
+
+    exact: decay ``beta`` once per cycle, every micro-step adds ``(1-beta)/k``.
+    ema:   decay ``beta**(1/k)`` and add ``1-beta**(1/k)`` every micro-step, so
+           ``k`` micro-steps decay by ``beta`` in all (DESIGN.md 2.2).
+    """
+    if mode == "exact":
+        return beta, (1.0 - beta) / k
+    micro = beta ** (1.0 / k)
+    return micro, 1.0 - micro

@@ -1,0 +1,142 @@
+"""AdamW with momentum-embedded gradient accumulation.
+
+Update rule (Loshchilov & Hutter, "Decoupled Weight Decay Regularization",
+2019; torch.optim.AdamW)::
+
+    m ← β1·m + (1-β1)·g          v ← β2·v + (1-β2)·g²
+    θ ← θ·(1 − lr·λ) − lr · m̂ / (√v̂ + ε),   m̂ = m/(1-β1^t),  v̂ = v/(1-β2^t)
+
+Embedded form (DESIGN.md 2.1): the moments are decayed once per cycle (mode
+``exact``) and every micro-step adds ``(1-β1)/k·g_s`` to m and ``(1-β2)/k·g_s²``
+to v. ``m`` is exactly the moment of the mean gradient; ``v`` is the mean of the
+micro-batch squares (it can only be larger than the square of the mean). With
+k = 1 the update is torch's AdamW. Mode ``ema`` decays by ``β^(1/k)`` every
+micro-step.
+
+With k = 1, fp32 state and no lazy rows this dispatches to torch's fused AdamW
+kernel (one pass over memory instead of ~9 for the multi-tensor path; 5× faster
+on CPU); a test shows both paths agree. ``amsgrad``, ``maximize``,
+``capturable`` and ``differentiable`` are not offered.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.adamw import adamw as _torch_adamw
+
+from ._accumulating import AccumulatingOptimizer
+from ._checks import check_betas, check_lr, check_number, check_state_dtype
+from ._tensor_lists import chunks, ema_split
+
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+class AdamW(AccumulatingOptimizer):
+    """AdamW with torch's keywords and defaults, plus ``accum_steps``/``accum_mode``.
+
+    ``momentum_dtype`` stores m (bf16 halves its 4 B/param); each in-place
+    operation on it computes in fp32 and rounds once. v stays fp32: its
+    dynamic range is what bf16 handles worst.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        accum_steps: int = 1,
+        accum_mode: str = "exact",
+        momentum_dtype: torch.dtype = torch.float32,
+        lazy_rows: bool = False,
+        use_fused_kernel: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=check_lr(lr),
+            betas=check_betas(betas),
+            eps=check_number("eps", eps, low=0.0),
+            weight_decay=check_number("weight_decay", weight_decay, low=0.0),
+            momentum_dtype=check_state_dtype("momentum_dtype", momentum_dtype),
+            use_fused_kernel=bool(use_fused_kernel),
+        )
+        super().__init__(params, defaults, accum_steps=accum_steps, accum_mode=accum_mode, lazy_rows=lazy_rows)
+
+    def _embeds(self, group: dict) -> bool:
+        return not _fused_kernel_applies(group)
+
+    def _init_state(self, group, param, state) -> None:
+        state["exp_avg"] = torch.zeros_like(param, dtype=group["momentum_dtype"])
+        state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+
+    def _decay_factors(self, group, t, j) -> dict[str, float]:
+        (beta1, beta2), k, mode = group["betas"], group["accum_steps"], group["accum_mode"]
+        return {"exp_avg": ema_split(beta1, k, mode)[0], "exp_avg_sq": ema_split(beta2, k, mode)[0]}
+
+    def _fold(self, group, params, grads, states, *, t, j, decay) -> None:
+        (beta1, beta2), k, mode = group["betas"], group["accum_steps"], group["accum_mode"]
+        decay1, weight1 = ema_split(beta1, k, mode)
+        decay2, weight2 = ema_split(beta2, k, mode)
+        _adamw_fold(
+            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], grads,
+            decay1=decay1 if decay else None, decay2=decay2 if decay else None,
+            weight1=weight1, weight2=weight2,
+        )
+
+    def _apply(self, group, params, states, *, t) -> None:
+        beta1, beta2 = group["betas"]
+        for idx in chunks(params):
+            _adamw_apply(
+                [params[i] for i in idx],
+                [states[i]["exp_avg"] for i in idx],
+                [states[i]["exp_avg_sq"] for i in idx],
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], t=t,
+            )
+
+    def _step_on_grad(self, group, params, grads, states, *, t) -> None:
+        # Only reached where _fused_kernel_applies: k = 1, fp32, no lazy rows.
+        beta1, beta2 = group["betas"]
+        steps = [torch.full((), float(t - 1), device=p.device) for p in params]  # the kernel adds 1
+        _torch_adamw(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [], steps,
+            fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )
+
+
+def _fused_kernel_applies(group: dict) -> bool:
+    return (
+        group["use_fused_kernel"]
+        and group["accum_steps"] == 1
+        and not group["lazy_rows"]
+        and group["momentum_dtype"] == torch.float32
+        and all(
+            p.dtype == torch.float32
+            and p.device.type in _FUSED_DEVICES
+            and type(p) in (torch.Tensor, torch.nn.Parameter)  # not DTensor shards
+            for p in group["params"]
+        )
+    )
+
+
+def _adamw_fold(exp_avgs, exp_avg_sqs, grads, *, decay1, decay2, weight1, weight2) -> None:
+    """m ← decay1·m + weight1·g ;  v ← decay2·v + weight2·g²  (decay None: skip)."""
+    if decay1 is not None:
+        torch._foreach_mul_(exp_avgs, decay1)
+        torch._foreach_mul_(exp_avg_sqs, decay2)
+    torch._foreach_add_(exp_avgs, grads, alpha=weight1)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=weight2)
+
+
+def _adamw_apply(params, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, t) -> None:
+    """θ ← θ·(1 − lr·λ) − lr/(1-β1^t) · m / (√v/√(1-β2^t) + ε)."""
+    if weight_decay:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, math.sqrt(1.0 - beta2**t))
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / (1.0 - beta1**t))

@@ -1,0 +1,110 @@
+"""AdaX: adaptive moments with exponential long-term memory.
+
+Paper: Li, Zhang, Huang & Liu, "AdaX: Adaptive Gradient Descent with
+Exponential Long Term Memory", 2020::
+
+    m ← β1·m + (1−β1)·g
+    v ← (1+β2)·v + β2·g²,       v̂ = v / ((1+β2)^t − 1)
+    θ ← θ·(1 − lr·λ) − lr · m / (√v̂ + ε)          (defaults β = (0.9, 1e-4))
+
+Storage: v grows like (1+β2)^t and overflows fp32 after ~887k updates at
+β2 = 1e-4, so the state holds v̂ itself. Dividing the recursion by
+``D_t = (1+β2)^t − 1`` gives ``v̂ ← (1−a_t)·v̂ + a_t·g²`` with
+``a_t = β2/D_t``, computed as ``β2·e^{−x}/(1−e^{−x})``, ``x = t·log1p(β2)``:
+no term overflows for any t (a_1 = 1, a_t → 0 as memory lengthens).
+
+Embedded accumulation (mode ``exact``): the first micro-step of a cycle
+decays ``m`` by β1 and ``v̂`` by ``1−a_t``; every micro-step adds ``(1−β1)/k·g``
+and ``a_t/k·g²``. Mode ``ema`` runs the same recursions per micro-step with
+``β1' = β1^(1/k)`` and ``1+β2' = (1+β2)^(1/k)``.
+
+Departures from the authors' code: ε is added to √v̂ (as the issue and the
+paper's equations state), not to √v before the bias correction; weight decay
+is decoupled (AdaX-W) and off by default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._accumulating import AccumulatingOptimizer
+from ._checks import check_lr, check_number, check_state_dtype
+from ._tensor_lists import chunks, ema_split
+
+
+class AdaX(AccumulatingOptimizer):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 1e-4),
+        eps: float = 1e-12,
+        weight_decay: float = 0.0,
+        *,
+        accum_steps: int = 1,
+        accum_mode: str = "exact",
+        momentum_dtype: torch.dtype = torch.float32,
+        lazy_rows: bool = False,
+    ) -> None:
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas={betas!r}: expected a pair (beta1 in [0, 1), beta2 in (0, 1))")
+        defaults = dict(
+            lr=check_lr(lr),
+            betas=(
+                check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True),
+                check_number("betas[1]", betas[1], low=0.0, high=1.0, low_open=True, high_open=True),
+            ),
+            eps=check_number("eps", eps, low=0.0),
+            weight_decay=check_number("weight_decay", weight_decay, low=0.0),
+            momentum_dtype=check_state_dtype("momentum_dtype", momentum_dtype),
+        )
+        super().__init__(params, defaults, accum_steps=accum_steps, accum_mode=accum_mode, lazy_rows=lazy_rows)
+
+    def _embeds(self, group: dict) -> bool:
+        return True
+
+    def _init_state(self, group, param, state) -> None:
+        state["exp_avg"] = torch.zeros_like(param, dtype=group["momentum_dtype"])
+        state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)  # holds v̂, not v
+
+    def _second_moment_split(self, group, t: int, j: int) -> tuple[float, float]:
+        """(decay, weight) of one fold into v̂ for update t, micro-step j."""
+        beta2, k = group["betas"][1], group["accum_steps"]
+        if group["accum_mode"] == "exact":
+            a = _newest_weight(beta2, t)
+            return 1.0 - a, a / k
+        micro_beta2 = math.expm1(math.log1p(beta2) / k)
+        a = _newest_weight(micro_beta2, (t - 1) * k + j + 1)
+        return 1.0 - a, a
+
+    def _decay_factors(self, group, t, j) -> dict[str, float]:
+        beta1, k, mode = group["betas"][0], group["accum_steps"], group["accum_mode"]
+        return {"exp_avg": ema_split(beta1, k, mode)[0], "exp_avg_sq": self._second_moment_split(group, t, j)[0]}
+
+    def _fold(self, group, params, grads, states, *, t, j, decay) -> None:
+        decay1, weight1 = ema_split(group["betas"][0], group["accum_steps"], group["accum_mode"])
+        decay2, weight2 = self._second_moment_split(group, t, j)
+        m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        if decay:
+            torch._foreach_mul_(m, decay1)
+            torch._foreach_mul_(v, decay2)
+        torch._foreach_add_(m, grads, alpha=weight1)
+        torch._foreach_addcmul_(v, grads, grads, value=weight2)
+
+    def _apply(self, group, params, states, *, t) -> None:
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        for idx in chunks(params):
+            ps = [params[i] for i in idx]
+            if weight_decay:
+                torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
+            denom = torch._foreach_sqrt([states[i]["exp_avg_sq"] for i in idx])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(ps, [states[i]["exp_avg"] for i in idx], denom, value=-lr)
+
+
+def _newest_weight(beta2: float, n: int) -> float:
+    """a_n = β2 / ((1+β2)^n − 1), without forming (1+β2)^n (which overflows)."""
+    x = n * math.log1p(beta2)
+    return beta2 * math.exp(-x) / -math.expm1(-x)

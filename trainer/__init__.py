@@ -1,0 +1,1 @@
+"""leantrain.trainer: YAML recipes into an accelerate training loop (issue 4)."""
