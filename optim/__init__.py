@@ -9,8 +9,9 @@ from .adafactor import AdaFactor
 from .adamw import AdamW
 from .adax import AdaX
 from .ema import EMA
+from .fused import FusedBackward, finite_loss, fuse_into_backward
 from .lookahead import Lookahead
-from .memory import state_bytes, state_bytes_by_component
+from .memory import MemoryReport, memory_report, state_bytes, state_bytes_by_component
 from .schedule import PiecewiseLinearLR
 from .sgd import SGD
 
@@ -22,6 +23,11 @@ __all__ = [
     "Lookahead",
     "EMA",
     "PiecewiseLinearLR",
+    "fuse_into_backward",
+    "FusedBackward",
+    "finite_loss",
+    "memory_report",
+    "MemoryReport",
     "state_bytes",
     "state_bytes_by_component",
 ]

@@ -38,6 +38,8 @@ import torch
 from torch.optim import Optimizer
 
 from . import _lazy_rows
+from ._rounding import write_back
+from ._tensor_lists import chunks
 from ._checks import check_accum_mode, check_accum_steps, check_state_dtype
 from .memory import state_bytes, state_bytes_by_component
 
@@ -45,7 +47,19 @@ _ACCUM_KEYS = ("accum_steps", "accum_mode")
 
 
 class AccumulatingOptimizer(Optimizer):
-    """Shared plumbing: cycle position, state creation, dispatch, accounting."""
+    """Shared plumbing: cycle position, state creation, dispatch, accounting.
+
+    Keyword arguments every leantrain optimizer accepts:
+
+    - ``accum_steps`` (k, default 1): micro-steps per parameter update.
+    - ``accum_mode``: ``"exact"`` (default) or ``"ema"`` (DESIGN.md 2.2).
+    - ``accum_dtype``: dtype of the explicit ``grad_accum`` buffer, for the
+      configurations that need one (fp32 default; bf16 halves it).
+    - ``lazy_rows``: rows of ≥2-D tensors without gradient over a whole cycle
+      keep their value and state (see ``_lazy_rows``).
+    - ``stochastic_rounding`` (default True): bf16 parameters are updated in
+      fp32 and written back with stochastic rounding; False rounds to nearest.
+    """
 
     def __init__(
         self,
@@ -56,6 +70,7 @@ class AccumulatingOptimizer(Optimizer):
         accum_mode: str = "exact",
         accum_dtype: torch.dtype = torch.float32,
         lazy_rows: bool = False,
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = dict(
             defaults,
@@ -63,6 +78,7 @@ class AccumulatingOptimizer(Optimizer):
             accum_mode=check_accum_mode(accum_mode),
             accum_dtype=check_state_dtype("accum_dtype", accum_dtype),
             lazy_rows=bool(lazy_rows),
+            stochastic_rounding=bool(stochastic_rounding),
         )
         self.updated = False
         super().__init__(params, defaults)
@@ -176,7 +192,7 @@ class AccumulatingOptimizer(Optimizer):
         if not self._embeds(group):
             if k == 1:
                 for t, idx in _by_update_count(states):
-                    self._step_on_grad(group, _pick(params, idx), _pick(grads, idx), _pick(states, idx), t=t)
+                    self._update(group, _pick(params, idx), _pick(states, idx), t, _pick(grads, idx))
                 _mark_cycle(states, cycle)
                 return
             self._fold_into_buffer(group, params, grads, states, cycle)
@@ -241,12 +257,34 @@ class AccumulatingOptimizer(Optimizer):
         lazy = [(p, p.detach().clone(), s["rows_touched"]) for p, s in zip(params, states) if "rows_touched" in s]
         for t, idx in _by_update_count(states):
             ps, ss = _pick(params, idx), _pick(states, idx)
-            if self._embeds(group):
-                self._apply(group, ps, ss, t=t)
-            else:
-                self._step_on_grad(group, ps, [s["grad_accum"] for s in ss], ss, t=t)
+            grads = None if self._embeds(group) else [s["grad_accum"] for s in ss]
+            self._update(group, ps, ss, t, grads)
         for p, before, touched in lazy:
             _lazy_rows.keep_untouched_rows(p, before, touched)
+
+    def _update(self, group, params, states, t: int, grads) -> None:
+        """Run ``_apply`` (grads None) or ``_step_on_grad`` with fp32 parameter math.
+
+        Low-precision parameters are updated on fp32 working copies, a chunk
+        at a time (bounded transient memory), and written back with stochastic
+        rounding when ``stochastic_rounding`` is on. fp32 parameters are
+        updated in place, all at once.
+        """
+        if all(p.dtype == torch.float32 for p in params):
+            return self._update_fp32(group, params, states, t, grads)
+        for idx in chunks(params):
+            chunk = _pick(params, idx)
+            work = [p.detach().float() if p.dtype != torch.float32 else p for p in chunk]
+            self._update_fp32(group, work, _pick(states, idx), t, None if grads is None else _pick(grads, idx))
+            for p, w in zip(chunk, work):
+                if w is not p:
+                    write_back(w, p.detach(), stochastic=group["stochastic_rounding"])
+
+    def _update_fp32(self, group, params, states, t: int, grads) -> None:
+        if grads is None:
+            self._apply(group, params, states, t=t)
+        else:
+            self._step_on_grad(group, params, grads, states, t=t)
 
     # ------------------------------------------------------------- state I/O
     def load_state_dict(self, state_dict: dict) -> None:

@@ -42,6 +42,13 @@ def check_betas(betas, *, names=("betas[0]", "betas[1]")) -> tuple[float, float]
     )
 
 
+def check_max_update_rms(value) -> float | None:
+    """Per-tensor update RMS clip: None (off) or a positive number."""
+    if value is None:
+        return None
+    return check_number("max_update_rms", value, low=0.0, low_open=True)
+
+
 def check_accum_steps(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"accum_steps={value!r}: expected an integer >= 1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -25,6 +26,22 @@ def chunks(tensors: list[torch.Tensor], max_numel: int = CHUNK_NUMEL) -> Iterato
         size += tensor.numel()
     if chunk:
         yield chunk
+
+
+def clip_rms_(directions: list[torch.Tensor], max_rms: float | None) -> None:
+    """Scale each tensor in place so that its RMS is at most ``max_rms`` (None: no-op).
+
+    Per-tensor update clipping: the fused-backward replacement for global
+    gradient-norm clipping, which would need the averaged gradient. The
+    factors stay on the device (no host sync).
+    """
+    if max_rms is None or not directions:
+        return
+    norms = torch._foreach_norm(directions)
+    factors = [
+        (max_rms * math.sqrt(d.numel()) / n.clamp(min=1e-30)).clamp_(max=1.0) for d, n in zip(directions, norms)
+    ]
+    torch._foreach_mul_(directions, factors)
 
 
 def ema_split(beta: float, k: int, mode: str) -> tuple[float, float]:

@@ -65,10 +65,7 @@ class AdaFactor(AccumulatingOptimizer):
         momentum_dtype: torch.dtype = torch.float32,
         beta2: float | None = None,
         min_dim_size_to_factor: int = 0,
-        accum_steps: int = 1,
-        accum_mode: str = "exact",
-        accum_dtype: torch.dtype = torch.float32,
-        lazy_rows: bool = False,
+        **common,
     ) -> None:
         if lr is not None and relative_step:
             raise ValueError(f"lr={lr!r} with relative_step=True: a manual lr needs relative_step=False")
@@ -100,10 +97,7 @@ class AdaFactor(AccumulatingOptimizer):
             beta2=None if beta2 is None else check_number("beta2", beta2, low=0.0, high=1.0, high_open=True),
             min_dim_size_to_factor=min_dim_size_to_factor,
         )
-        super().__init__(
-            params, defaults, accum_steps=accum_steps, accum_mode=accum_mode,
-            accum_dtype=accum_dtype, lazy_rows=lazy_rows,
-        )
+        super().__init__(params, defaults, **common)
 
     def _validate_group(self, group: dict) -> None:
         if group["lazy_rows"] and any(_factored(group, p) for p in group["params"]):

@@ -30,8 +30,8 @@ import math
 import torch
 
 from ._accumulating import AccumulatingOptimizer
-from ._checks import check_lr, check_number, check_state_dtype
-from ._tensor_lists import chunks, ema_split
+from ._checks import check_lr, check_max_update_rms, check_number, check_state_dtype
+from ._tensor_lists import chunks, clip_rms_, ema_split
 
 
 class AdaX(AccumulatingOptimizer):
@@ -43,10 +43,9 @@ class AdaX(AccumulatingOptimizer):
         eps: float = 1e-12,
         weight_decay: float = 0.0,
         *,
-        accum_steps: int = 1,
-        accum_mode: str = "exact",
         momentum_dtype: torch.dtype = torch.float32,
-        lazy_rows: bool = False,
+        max_update_rms: float | None = None,
+        **common,
     ) -> None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas={betas!r}: expected a pair (beta1 in [0, 1), beta2 in (0, 1))")
@@ -59,8 +58,9 @@ class AdaX(AccumulatingOptimizer):
             eps=check_number("eps", eps, low=0.0),
             weight_decay=check_number("weight_decay", weight_decay, low=0.0),
             momentum_dtype=check_state_dtype("momentum_dtype", momentum_dtype),
+            max_update_rms=check_max_update_rms(max_update_rms),
         )
-        super().__init__(params, defaults, accum_steps=accum_steps, accum_mode=accum_mode, lazy_rows=lazy_rows)
+        super().__init__(params, defaults, **common)
 
     def _embeds(self, group: dict) -> bool:
         return True
@@ -99,9 +99,16 @@ class AdaX(AccumulatingOptimizer):
             ps = [params[i] for i in idx]
             if weight_decay:
                 torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
+            m = [states[i]["exp_avg"] for i in idx]
             denom = torch._foreach_sqrt([states[i]["exp_avg_sq"] for i in idx])
             torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(ps, [states[i]["exp_avg"] for i in idx], denom, value=-lr)
+            if group["max_update_rms"] is None:
+                torch._foreach_addcdiv_(ps, m, denom, value=-lr)
+                continue
+            torch._foreach_div_(denom, [x.float() for x in m] if m[0].dtype != torch.float32 else m)
+            torch._foreach_reciprocal_(denom)  # now m/(√v̂+ε), in the denominator's memory
+            clip_rms_(denom, group["max_update_rms"])
+            torch._foreach_add_(ps, denom, alpha=-lr)
 
 
 def _newest_weight(beta2: float, n: int) -> float:

@@ -8,6 +8,8 @@ counted. Names not listed below fall into ``"other"``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 # State key -> component, for leantrain's and torch's optimizers.
@@ -49,3 +51,58 @@ def state_bytes_by_component(optimizer: torch.optim.Optimizer) -> dict[str, int]
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Total bytes of all state tensors held by ``optimizer``."""
     return sum(state_bytes_by_component(optimizer).values())
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Bytes of the persistent training state of a model and its optimizer."""
+
+    trainable_params: int  # number of trainable parameter elements (B/param denominator)
+    parameters: int
+    gradients: int  # live .grad tensors at the time of the report
+    optimizer_state: int  # moments, factored statistics, wrapper buffers
+    accumulation: int  # explicit accumulation buffers (grad_accum)
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer_state + self.accumulation
+
+    def per_param(self, value: int) -> float:
+        return value / max(1, self.trainable_params)
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [
+            ("parameters", self.parameters),
+            ("gradients", self.gradients),
+            ("optimizer state", self.optimizer_state),
+            ("accumulation buffers", self.accumulation),
+            ("total", self.total),
+        ]
+
+    def format(self) -> str:
+        lines = [f"{'component':<22}{'MiB':>12}{'B/param':>10}"]
+        for name, value in self.rows():
+            lines.append(f"{name:<22}{value / 2**20:>12.1f}{self.per_param(value):>10.2f}")
+        return "\n".join(lines)
+
+
+def memory_report(model_or_params, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
+    """Persistent-state bytes of ``model_or_params`` (+ ``optimizer``), total and per parameter.
+
+    Tied weights are counted once. Gradients are the ``.grad`` tensors alive
+    now: call it after ``backward()`` to see the unfused peak, after
+    ``step()``/``zero_grad()`` (or any time in fused mode) for what persists.
+    """
+    if isinstance(model_or_params, torch.nn.Module):
+        params = list(model_or_params.parameters())
+    else:
+        params = list(dict.fromkeys(model_or_params))
+    by_component = state_bytes_by_component(optimizer) if optimizer is not None else dict.fromkeys(COMPONENTS, 0)
+    accumulation = by_component.pop("accumulation")
+    return MemoryReport(
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        parameters=sum(tensor_bytes(p) for p in params),
+        gradients=sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
+        optimizer_state=sum(by_component.values()),
+        accumulation=accumulation,
+    )

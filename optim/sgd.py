@@ -16,7 +16,8 @@ Mode ``ema``: ``b ← β'·b + (1-δ)(1-β')/(1-β)·(g_s + λθ)`` every micro-
 Departures: Nesterov needs ``ḡ`` itself (``ḡ + β·b``), so with k > 1 it keeps an
 explicit ``grad_accum`` buffer (``accum_dtype``); so does ``momentum=0`` (plain
 SGD has no buffer to embed into). ``maximize``, ``foreach`` and ``fused`` are
-not offered.
+not offered. ``max_update_rms`` clips each tensor's update direction (b, or
+the Nesterov direction) to that RMS before the lr is applied.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from ._accumulating import AccumulatingOptimizer
-from ._checks import check_lr, check_number, check_state_dtype
+from ._checks import check_lr, check_max_update_rms, check_number, check_state_dtype
+from ._tensor_lists import clip_rms_
 
 
 class SGD(AccumulatingOptimizer):
@@ -39,11 +41,9 @@ class SGD(AccumulatingOptimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
-        accum_steps: int = 1,
-        accum_mode: str = "exact",
-        accum_dtype: torch.dtype = torch.float32,
         momentum_dtype: torch.dtype = torch.float32,
-        lazy_rows: bool = False,
+        max_update_rms: float | None = None,
+        **common,
     ) -> None:
         defaults = dict(
             lr=check_lr(lr),
@@ -52,11 +52,9 @@ class SGD(AccumulatingOptimizer):
             weight_decay=check_number("weight_decay", weight_decay, low=0.0),
             nesterov=bool(nesterov),
             momentum_dtype=check_state_dtype("momentum_dtype", momentum_dtype),
+            max_update_rms=check_max_update_rms(max_update_rms),
         )
-        super().__init__(
-            params, defaults, accum_steps=accum_steps, accum_mode=accum_mode,
-            accum_dtype=accum_dtype, lazy_rows=lazy_rows,
-        )
+        super().__init__(params, defaults, **common)
 
     def _validate_group(self, group: dict) -> None:
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -100,14 +98,18 @@ class SGD(AccumulatingOptimizer):
         )
 
     def _apply(self, group, params, states, *, t) -> None:
-        torch._foreach_add_(params, [s["momentum_buffer"] for s in states], alpha=-group["lr"])
+        bufs = [s["momentum_buffer"] for s in states]
+        if group["max_update_rms"] is not None:
+            bufs = torch._foreach_mul(bufs, 1.0)  # clip a copy: b itself must stay unclipped
+            clip_rms_(bufs, group["max_update_rms"])
+        torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
     def _step_on_grad(self, group, params, grads, states, *, t) -> None:
         bufs = [s["momentum_buffer"] for s in states] if group["momentum"] > 0 else None
         _sgd_step(
             params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
             dampening=group["dampening"], weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"], first=t == 1,
+            nesterov=group["nesterov"], first=t == 1, max_update_rms=group["max_update_rms"],
         )
 
 
@@ -120,8 +122,8 @@ def _sgd_fold(bufs, grads, params, *, decay, weight, weight_decay) -> None:
         torch._foreach_add_(bufs, params, alpha=weight * weight_decay)
 
 
-def _sgd_step(params, grads, bufs, *, lr, momentum, dampening, weight_decay, nesterov, first) -> None:
-    """One torch.optim.SGD step on ``grads`` (the mean gradient)."""
+def _sgd_step(params, grads, bufs, *, lr, momentum, dampening, weight_decay, nesterov, first, max_update_rms) -> None:
+    """One torch.optim.SGD step on ``grads`` (the mean gradient), update RMS clipped if asked."""
     if weight_decay:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     if bufs is not None:
@@ -131,4 +133,7 @@ def _sgd_step(params, grads, bufs, *, lr, momentum, dampening, weight_decay, nes
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, grads, alpha=1.0 - dampening)
         grads = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
+    if max_update_rms is not None:
+        grads = torch._foreach_mul(grads, 1.0)  # never clip the momentum or the caller's gradient
+        clip_rms_(grads, max_update_rms)
     torch._foreach_add_(params, grads, alpha=-lr)
