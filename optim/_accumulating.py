@@ -180,14 +180,7 @@ class AccumulatingOptimizer(Optimizer):
                     f"{type(self).__name__}: sparse gradients are not supported; use a dense "
                     "embedding (sparse=False) and the param-group option lazy_rows=True"
                 )
-            state = self.state[p]
-            if "step" not in state:  # wrappers may have put their buffers here first
-                state["step"] = 0
-                state["cycle"] = -1
-                self._init_state(group, p, state)
-                if group["lazy_rows"] and p.dim() >= 2:
-                    state["rows_touched"] = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
-            states.append(state)
+            states.append(self._state_for(group, p))
 
         if not self._embeds(group):
             if k == 1:
@@ -207,14 +200,36 @@ class AccumulatingOptimizer(Optimizer):
         for (t, dec), idx in _by_update_count(states, decay):
             self._fold(group, _pick(params, idx), _pick(grads, idx), _pick(states, idx), t=t, j=j, decay=dec)
 
+    def _state_for(self, group: dict, param: torch.Tensor) -> dict:
+        """The parameter's state, created on first use (all of it, buffers included)."""
+        state = self.state[param]
+        if "step" not in state:  # wrappers may have put their buffers here first
+            state["step"] = 0
+            state["cycle"] = -1
+            self._init_state(group, param, state)
+            if group["lazy_rows"] and param.dim() >= 2:
+                state["rows_touched"] = torch.zeros(param.shape[0], dtype=torch.bool, device=param.device)
+            if not self._embeds(group) and group["accum_steps"] > 1:
+                state["grad_accum"] = torch.zeros_like(param, dtype=group["accum_dtype"])
+        return state
+
+    @torch.no_grad()
+    def init_all_state(self) -> None:
+        """Create every state tensor now instead of at the first step.
+
+        On meta-device parameters this gives the exact state bytes of a model
+        that does not fit in memory (``leantrain estimate``).
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state_for(group, p)
+
     def _fold_into_buffer(self, group, params, grads, states, cycle: int) -> None:
         """Explicit accumulation for configurations that need the mean gradient itself."""
         k = group["accum_steps"]
         fresh, running = [], []
-        for p, g, state in zip(params, grads, states):
-            buf = state.get("grad_accum")
-            if buf is None:
-                buf = state["grad_accum"] = torch.zeros_like(p, dtype=group["accum_dtype"])
+        for g, state in zip(grads, states):
+            buf = state["grad_accum"]
             (fresh if state["cycle"] != cycle else running).append((buf, g))
         if fresh:
             torch._foreach_zero_([b for b, _ in fresh])

@@ -69,9 +69,11 @@ class FusedBackward:
         self.optimizer = inner
         self.check_finite = check_finite
         self.nonfinite_grads: Counter[str] = Counter()
-        group_of = {p: group for group in inner.param_groups for p in group["params"]}
+        # Group *positions*, not the dicts: load_state_dict replaces the group dicts
+        # (and their micro_step), so the hook looks its group up at call time.
+        group_index = {p: i for i, group in enumerate(inner.param_groups) for p in group["params"]}
         self._names = {p: name for name, p in named_params}
-        self._group_of = {p: group_of[p] for _, p in named_params if p.requires_grad and p in group_of}
+        self._group_of = {p: group_index[p] for _, p in named_params if p.requires_grad and p in group_index}
         self._folded_at: dict[torch.Tensor, int] = {}
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._group_of]
 
@@ -92,7 +94,7 @@ class FusedBackward:
             self.nonfinite_grads[self._names[param]] += 1
             return
         self._folded_at[param] = micro_step
-        self.optimizer._fold_group(self._group_of[param], [param], [grad])
+        self.optimizer._fold_group(self.optimizer.param_groups[self._group_of[param]], [param], [grad])
 
     @property
     def params(self) -> list[torch.Tensor]:

@@ -254,3 +254,21 @@ def test_bf16_parameters_with_stochastic_rounding_reach_the_fp32_loss():
     nearest = _regression_loss(torch.bfloat16, rounding=False)
     assert stochastic <= 1.05 * fp32, (fp32, stochastic)
     assert nearest >= 1.5 * fp32, (fp32, nearest)  # lr·update below bf16 resolution: stalls
+
+
+def test_hooks_follow_a_loaded_state_dict():
+    """load_state_dict replaces the group dicts: folding must use the live ones (resume mid-cycle)."""
+    batches = token_batches(16)  # the load at micro-step 6, then two more boundaries
+    reference = tiny_gpt2()
+    ref_opt = optim.AdamW(reference.parameters(), lr=1e-2, accum_steps=4)
+    _train(reference, ref_opt, batches, fused=True)
+
+    model = tiny_gpt2()
+    opt = optim.AdamW(model.parameters(), lr=1e-2, accum_steps=4)
+    optim.fuse_into_backward(model, opt)
+    _train(model, opt, batches[:6], fused=False)  # hooks already on; stop mid-cycle
+    saved = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(saved)  # as a resume does: new group dicts, same optimizer object
+    _train(model, opt, batches[6:], fused=False)
+    for a, b in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,314 @@
+"""The training loop: load batches, forward, backward, (boundary) step, log, evaluate, checkpoint.
+
+Token-weighted accumulation: the k micro-batches of a cycle are fetched
+first and each micro-batch's mean loss is weighted by its share of the
+cycle's loss terms (tokens; examples for classification), so k micro-batches
+give exactly the loss and gradient of one batch of all of them — no
+gradient-accumulation loss bug. leantrain's optimizers apply 1/k themselves,
+so in ``exact``/``ema`` modes the weight is ``k·n_i/N``; in ``standard`` mode
+(``.grad`` accumulation) it is ``n_i/N``.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from contextlib import nullcontext
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from leantrain import optim
+
+from . import checkpoint
+from .data import Collator, MicroBatches, Position, eval_batches, load_raw, loss_items, tokenize
+from .errors import RecipeError
+from .estimate import estimate_recipe, format_table
+from .model import build_model
+from .optimizers import build_optimizer, check_combinations
+from .schedules import build_scheduler
+from .schema import Recipe
+from .tokenizer import build_tokenizer
+from .tracking import Metrics
+
+
+@dataclass
+class Cycle:
+    """The open accumulation cycle, saved in checkpoints so a stop mid-cycle resumes exactly."""
+
+    start: Position = field(default_factory=Position)
+    taken: int = 0  # micro-batches drawn from the stream for this cycle
+    processed: int = 0  # of those, folded or skipped as non-finite
+    total_items: int = 0  # N: loss terms in the cycle (token weighting denominator)
+    loss_sum: float = 0.0  # Σ loss_i·n_i, for the logged cycle loss
+    tokens: int = 0  # input tokens processed (throughput)
+
+
+class _StopRequest:
+    """SIGTERM (preemption) asks the loop to checkpoint and stop after the current micro-step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread
+            pass
+
+    def _handle(self, *_):
+        self.requested = True
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class Trainer:
+    """Builds every component from a recipe (one small builder each), then ``run()``."""
+
+    def __init__(self, recipe: Recipe, source: str) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        check_combinations(recipe, source)
+        self.recipe, self.source = recipe, source
+        self.accelerator = Accelerator(mixed_precision="bf16" if recipe.precision == "bf16" else "no",
+                                       log_with="wandb" if recipe.tracking.wandb else None,
+                                       project_dir=recipe.output_dir)
+        acc = self.accelerator
+        if recipe.accumulation.fused and acc.num_processes > 1:
+            raise RecipeError(source, "accumulation.fused", "fused accumulation across processes needs the moment "
+                              "all-reduce of DESIGN.md 4 (not built yet); use fused: false with several processes")
+        set_seed(recipe.seed)
+        cfg = recipe.data
+        raw = load_raw(cfg, recipe.seed, source)
+        self.tokenizer = build_tokenizer(recipe, raw[cfg.train_split][cfg.text_field] if recipe.tokenizer.train_vocab_size else None)
+        num_labels = recipe.model.num_labels
+        if recipe.model.task == "sequence-classification" and num_labels is None:
+            num_labels = len(set(raw[cfg.train_split][cfg.label_field]))
+        train = tokenize(raw[cfg.train_split], recipe, self.tokenizer, source)
+        self.eval_set = tokenize(raw[cfg.eval_split], recipe, self.tokenizer, source) if cfg.eval_split else None
+        self.collate = Collator(self.tokenizer.pad_token_id, recipe.model.task)
+        self.batches = MicroBatches(train, cfg.micro_batch_size, self.collate, seed=recipe.seed,
+                                    rank=acc.process_index, world=acc.num_processes, num_workers=cfg.num_workers)
+        self.k = recipe.accumulation.steps
+        self.total_updates = recipe.max_updates or max(1, int(recipe.epochs * self.batches.per_epoch // self.k))
+
+        model = build_model(recipe, tokenizer=self.tokenizer, num_labels=num_labels)
+        self.optimizer = build_optimizer(recipe, source, model)  # the leantrain/torch object (has .updated)
+        self.scheduler = build_scheduler(recipe, self.optimizer, self.total_updates)
+        self.model, self.prepared_optimizer = acc.prepare(model, self.optimizer)
+        if self.scheduler is not None:
+            acc.register_for_checkpointing(self.scheduler)
+        self.fused = optim.fuse_into_backward(acc.unwrap_model(self.model), self.optimizer) \
+            if recipe.accumulation.fused else None
+        self.ema = self.optimizer if isinstance(self.optimizer, optim.EMA) else None
+
+    # ------------------------------------------------------------------ setup
+    def _log_startup(self) -> None:
+        r, acc = self.recipe, self.accelerator
+        effective = r.data.micro_batch_size * self.k * acc.num_processes
+        tokens = f"{effective * r.data.max_length:,} tokens per update" if r.data.packing else "tokens per update vary (padding)"
+        acc.print(f"leantrain: {self.source}: {self.total_updates} updates, effective batch {effective} "
+                  f"= {r.data.micro_batch_size} micro-batch × k={self.k} × {acc.num_processes} rank(s); {tokens}")
+        try:
+            acc.print(format_table(estimate_recipe(r, self.source)))
+        except Exception as err:  # noqa: BLE001 - the estimate is informative, never fatal
+            acc.print(f"(memory estimate unavailable: {err})")
+
+    def _resume(self) -> tuple[int, int, Cycle, str | None]:
+        try:
+            path = checkpoint.find(self.recipe.checkpointing.resume, self.recipe.output_dir)
+        except FileNotFoundError as err:
+            raise RecipeError(self.source, "checkpointing.resume", str(err).split(": ", 1)[1]) from None
+        if path is None:
+            return 0, 0, Cycle(), None
+        state = checkpoint.load(self.accelerator, path)
+        self.accelerator.print(f"leantrain: resumed from {path} (update {state['update']}, micro-step {state['micro_step']})")
+        cycle = Cycle(**{**state["cycle"], "start": Position(**state["cycle"]["start"])})
+        return state["update"], state["micro_step"], cycle, state.get("run_id")
+
+    # ------------------------------------------------------------------- loop
+    def run(self) -> dict:
+        r, acc = self.recipe, self.accelerator
+        self._log_startup()
+        update, micro_step, cycle, run_id = self._resume()
+        metrics = Metrics(r.output_dir, acc, r, run_id, update)
+        stop = _StopRequest()
+        stream = self.batches.iterate(cycle.start)
+        queue = [next(stream) for _ in range(cycle.taken)][cycle.processed:]
+        progress = _progress(acc, self.total_updates, update)
+        micro_this_run, last = 0, {}
+        self._cycle_clock = time.perf_counter()
+        while update < self.total_updates:
+            if cycle.taken == 0:  # open a new cycle: fetch its k micro-batches first (token weighting)
+                queue = [next(stream) for _ in range(self.k)]
+                cycle = Cycle(start=queue[0][0], taken=self.k,
+                              total_items=self._global_items(sum(loss_items(b, r.model.task) for _, b in queue)))
+            position, batch = queue.pop(0)
+            self._micro_step(batch, cycle)
+            cycle.processed += 1
+            if self._last_loss_was_skipped:
+                queue.append(next(stream))  # a skipped micro-batch does not count toward k
+                cycle.taken += 1
+                cycle.total_items += self._global_items(loss_items(queue[-1][1], r.model.task) - self._skipped_items)
+            else:
+                micro_step += 1
+                micro_this_run += 1
+            if not queue:  # boundary
+                update += 1
+                last = self._boundary(update, cycle, metrics, micro_step)
+                progress(last)
+                cycle = Cycle(start=self.batches.after(position))  # a checkpoint now resumes here
+                if r.checkpointing.every_updates and update % r.checkpointing.every_updates == 0:
+                    self._checkpoint(update, micro_step, cycle, metrics.run_id)
+            stopping = stop.requested or (r.stop_after_micro_steps and micro_this_run >= r.stop_after_micro_steps)
+            if stopping and update < self.total_updates:
+                self._checkpoint(update, micro_step, cycle, metrics.run_id)
+                acc.print(f"leantrain: stopped at update {update}, micro-step {micro_step}; resume with the same command")
+                metrics.close()
+                return {**last, "update": update, "micro_step": micro_step, "stopped": True}
+        result = self._finish(update, micro_step, cycle, metrics, last)
+        metrics.close()
+        return result
+
+    _last_loss_was_skipped = False
+    _skipped_items = 0
+
+    def _global_items(self, local: int) -> int:
+        """Loss terms summed over ranks: the denominator that makes ranks × k micro-batches one batch."""
+        if self.accelerator.num_processes == 1:
+            return local
+        return int(self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), "sum"))
+
+    def _micro_step(self, batch: dict, cycle: Cycle) -> None:
+        r, acc = self.recipe, self.accelerator
+        batch = {key: value.to(acc.device) for key, value in batch.items()}
+        items = loss_items(batch, r.model.task)
+        with acc.autocast():
+            loss = self.model(**batch).loss
+        self._last_loss_was_skipped = not optim.finite_loss(loss)
+        if self._last_loss_was_skipped:
+            self._skipped_items = items
+            acc.print(f"leantrain: skipped a micro-batch with non-finite loss ({loss.item()})")
+            return
+        # DDP averages gradients over ranks (× world undoes it); leantrain's optimizers apply 1/k (× k).
+        share = items / cycle.total_items * acc.num_processes
+        scale = share if r.accumulation.mode == "standard" else share * self.k
+        last_of_cycle = cycle.processed + 1 == cycle.taken
+        sync = acc.no_sync(self.model) if (r.accumulation.mode == "standard" and not last_of_cycle) else nullcontext()
+        with sync:
+            acc.backward(loss * scale)
+        if r.accumulation.mode != "standard":
+            self.prepared_optimizer.step()  # folds this micro-batch; moves parameters at the boundary
+            self.prepared_optimizer.zero_grad(set_to_none=True)
+        cycle.loss_sum += loss.item() * items
+        cycle.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+    def _boundary(self, update: int, cycle: Cycle, metrics: Metrics, micro_step: int) -> dict:
+        r, acc = self.recipe, self.accelerator
+        if r.accumulation.mode == "standard":
+            if r.optimizer.max_grad_norm is not None:
+                acc.clip_grad_norm_(self.model.parameters(), r.optimizer.max_grad_norm)
+            self.prepared_optimizer.step()
+            self.prepared_optimizer.zero_grad(set_to_none=True)
+        if not getattr(self.optimizer, "updated", True):
+            raise RuntimeError(f"internal: the optimizer did not update at the boundary of update {update}")
+        if self.scheduler is not None:
+            self.scheduler.step()
+        loss_sum = acc.reduce(torch.tensor(cycle.loss_sum, device=acc.device), "sum")
+        values = {"update": update, "loss": loss_sum.item() / cycle.total_items, "lr": self.optimizer.param_groups[0]["lr"],
+                  "micro_step": micro_step, "tokens": cycle.tokens, "tokens_per_s": self._throughput(cycle),
+                  "peak_memory_mib": _peak_memory_mib(acc.device)}
+        if self.fused is not None and self.fused.nonfinite_grads:
+            values["nonfinite_grads"] = sum(self.fused.nonfinite_grads.values())
+        if r.eval.every_updates and update % r.eval.every_updates == 0 and update < self.total_updates:
+            values.update(self.evaluate())
+        if update % r.tracking.log_every_updates == 0 or update == self.total_updates:
+            metrics.log(values)
+        return values
+
+    def _throughput(self, cycle: Cycle) -> float:
+        """Input tokens per second over the cycle just closed, all ranks."""
+        now = time.perf_counter()
+        elapsed, self._cycle_clock = now - self._cycle_clock, now
+        return cycle.tokens * self.accelerator.num_processes / elapsed if elapsed > 0 else float("nan")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.eval_set is None:
+            return {}
+        r, acc = self.recipe, self.accelerator
+        loader = eval_batches(self.eval_set, r.data.eval_batch_size or r.data.micro_batch_size, self.collate,
+                              rank=acc.process_index, world=acc.num_processes, max_batches=r.eval.max_batches)
+        self.model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss·n, n, correct, examples
+        with self.ema.averaged_weights() if self.ema else nullcontext():
+            for batch in loader:
+                batch = {key: value.to(acc.device) for key, value in batch.items()}
+                with acc.autocast():
+                    out = self.model(**batch)
+                n = loss_items(batch, r.model.task)
+                sums[0] += out.loss.double() * n
+                sums[1] += n
+                if r.model.task == "sequence-classification":
+                    sums[2] += (out.logits.argmax(-1) == batch["labels"]).sum()
+                    sums[3] += batch["labels"].numel()
+        self.model.train()
+        sums = acc.reduce(sums, "sum")
+        result = {"eval_loss": (sums[0] / sums[1].clamp(min=1)).item()}
+        if r.model.task == "sequence-classification":
+            result["eval_accuracy"] = (sums[2] / sums[3].clamp(min=1)).item()
+        else:
+            result["eval_perplexity"] = math.exp(min(result["eval_loss"], 50.0))
+        return result
+
+    def _checkpoint(self, update: int, micro_step: int, cycle: Cycle, run_id: str) -> None:
+        state = {"update": update, "micro_step": micro_step, "run_id": run_id, "cycle": asdict(cycle)}
+        checkpoint.save(self.accelerator, self.recipe.output_dir, state, self.recipe.checkpointing.keep_last)
+
+    def _finish(self, update: int, micro_step: int, cycle: Cycle, metrics: Metrics, last: dict) -> dict:
+        r, acc = self.recipe, self.accelerator
+        final_eval = self.evaluate()
+        if final_eval:
+            metrics.log({"update": update, **{k: v for k, v in last.items() if k != "update"}, **final_eval})
+        if r.checkpointing.every_updates:
+            self._checkpoint(update, micro_step, cycle, metrics.run_id)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            with self.ema.averaged_weights() if self.ema else nullcontext():
+                path = checkpoint.save_final(acc.unwrap_model(self.model), self.tokenizer, r.output_dir)
+            acc.print(f"leantrain: done, {update} updates; final model in {path}")
+        if self.fused is not None and self.fused.nonfinite_grads:
+            acc.print(self.fused.report())
+        return {**last, **final_eval, "update": update, "micro_step": micro_step, "stopped": False}
+
+
+def _progress(accelerator, total: int, start: int):
+    """A tqdm bar on a TTY; plain log lines otherwise (CI logs, SLURM files)."""
+    if sys.stderr.isatty() and accelerator.is_main_process:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, unit="update", dynamic_ncols=True)
+
+        def show(values):
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}" if values["lr"] is not None else "rel",
+                            tok_s=f"{values['tokens_per_s']:.0f}", mem=f"{values['peak_memory_mib']:.0f}MiB")
+        return show
+
+    def log(values):
+        if accelerator.is_main_process:
+            extra = "".join(f" {k}={v:.4f}" for k, v in values.items() if k.startswith("eval_"))
+            lr = f"{values['lr']:.2e}" if values["lr"] is not None else "relative"
+            print(f"update {values['update']}/{total} loss={values['loss']:.4f} lr={lr} "
+                  f"tok/s={values['tokens_per_s']:.0f} mem={values['peak_memory_mib']:.0f}MiB{extra}", flush=True)
+    return log
+
+
+def train(recipe: Recipe, source: str) -> dict:
+    return Trainer(recipe, source).run()

@@ -1,0 +1,139 @@
+"""Optimizer registry and construction from the recipe's ``optimizer`` section."""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+import torch
+
+from leantrain import optim
+
+from .errors import RecipeError
+from .schema import Recipe
+
+LEANTRAIN_OPTIMIZERS = {"SGD": optim.SGD, "AdamW": optim.AdamW, "AdaFactor": optim.AdaFactor, "AdaX": optim.AdaX}
+TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD",
+                    "Adafactor")
+
+
+def registry() -> dict[str, type]:
+    """Name -> class. leantrain's under their names; torch's under ``torch.<Name>`` and,
+    where no leantrain optimizer is spelt alike, under the bare name too."""
+    names = dict(LEANTRAIN_OPTIMIZERS)
+    ours = {n.lower() for n in LEANTRAIN_OPTIMIZERS}
+    for name in TORCH_OPTIMIZERS:
+        cls = getattr(torch.optim, name, None)
+        if cls is None:
+            continue
+        names[f"torch.{name}"] = cls
+        if name.lower() not in ours:
+            names[name] = cls
+    return names
+
+
+def resolve_class(recipe: Recipe, source: str) -> type:
+    cfg = recipe.optimizer
+    if cfg.component:
+        module, _, attr = cfg.component.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError):
+            raise RecipeError(source, "optimizer._component_", f"cannot import {cfg.component!r}") from None
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise RecipeError(source, "optimizer._component_", f"{cfg.component!r} is not a torch.optim.Optimizer")
+        return cls
+    names = registry()
+    if cfg.name not in names:
+        raise RecipeError(source, "optimizer.name", f"unknown optimizer {cfg.name!r}; allowed: {', '.join(sorted(names))}")
+    return names[cfg.name]
+
+
+def embeds_accumulation(cls: type) -> bool:
+    return issubclass(cls, optim._accumulating.AccumulatingOptimizer)
+
+
+def param_groups(recipe: Recipe, model: torch.nn.Module) -> list[dict]:
+    """Groups by name pattern (first match wins), then no weight decay on 1-D tensors."""
+    cfg = recipe.optimizer
+    rules = [(re.compile(rule.pattern), rule) for rule in cfg.param_groups]
+    buckets: dict[tuple, list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        rule = next((r for pattern, r in rules if pattern.search(name)), None)
+        lr = rule.lr if rule and rule.lr is not None else cfg.lr
+        decay = rule.weight_decay if rule and rule.weight_decay is not None else cfg.weight_decay
+        if cfg.no_decay_1d and param.dim() < 2 and decay is not None:
+            decay = 0.0
+        buckets.setdefault((lr, decay), []).append(param)
+    groups = []
+    for (lr, decay), params in buckets.items():
+        group = {"params": params}
+        if lr is not None:
+            group["lr"] = lr
+        if decay is not None:
+            group["weight_decay"] = decay
+        groups.append(group)
+    return groups
+
+
+def _dtype_or_value(key: str, value):
+    """YAML spells dtypes as strings: ``momentum_dtype: bfloat16`` -> torch.bfloat16."""
+    if key.endswith("_dtype") and isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        return getattr(torch, value)
+    return value
+
+
+def build_optimizer(recipe: Recipe, source: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer for ``model`` with accumulation, wrappers and groups from the recipe."""
+    cls = resolve_class(recipe, source)
+    acc = recipe.accumulation
+    kwargs = {key: _dtype_or_value(key, value) for key, value in recipe.optimizer.kwargs().items()}
+    if embeds_accumulation(cls):
+        if acc.mode == "standard":
+            kwargs.update(accum_steps=1)  # the loop accumulates in .grad
+        else:
+            kwargs.update(accum_steps=acc.steps, accum_mode=acc.mode)
+    if cls is optim.AdaFactor or recipe.optimizer.lr is None:
+        kwargs.setdefault("lr", recipe.optimizer.lr)
+    groups = param_groups(recipe, model)
+    try:
+        optimizer = cls(groups, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(source, "optimizer", str(err).splitlines()[0]) from None
+    if recipe.optimizer.lookahead:
+        optimizer = optim.Lookahead(optimizer, k=recipe.optimizer.lookahead.k, alpha=recipe.optimizer.lookahead.alpha)
+    if recipe.optimizer.ema:
+        optimizer = optim.EMA(optimizer, decay=recipe.optimizer.ema.decay)
+    return optimizer
+
+
+def check_combinations(recipe: Recipe, source: str) -> None:
+    """Refuse impossible combinations before any model is loaded.
+
+    The optimizer is built on a tiny stand-in parameter, so its own argument
+    checks (ema without momentum, bad betas, unknown keywords) run here too.
+    """
+    cls = resolve_class(recipe, source)
+    acc = recipe.accumulation
+    if acc.mode != "standard" and not embeds_accumulation(cls):
+        raise RecipeError(source, "accumulation.mode", f"{acc.mode!r} folds gradients into the optimizer's momentum, "
+                          f"which {cls.__name__} cannot do; use mode: standard or a leantrain optimizer "
+                          f"({', '.join(LEANTRAIN_OPTIMIZERS)})")
+    if acc.fused and acc.mode == "standard":
+        raise RecipeError(source, "accumulation.fused", "fused accumulation needs mode exact or ema "
+                          "(standard keeps gradients in .grad)")
+    if acc.fused and recipe.optimizer.max_grad_norm is not None:
+        raise RecipeError(source, "optimizer.max_grad_norm", optim.fused.CLIPPING_REFUSAL)
+    if recipe.optimizer.max_grad_norm is not None and acc.mode != "standard":
+        raise RecipeError(source, "optimizer.max_grad_norm", "global clipping needs the averaged gradient, which "
+                          f"mode {acc.mode!r} never forms; use mode: standard, or max_update_rms per tensor")
+    if recipe.optimizer.lr is None and cls is not optim.AdaFactor:
+        raise RecipeError(source, "optimizer.lr", f"null is only meaningful for AdaFactor's relative step; "
+                          f"{cls.__name__} needs a number")
+    if recipe.optimizer.lr is None and recipe.schedule.name not in ("none", "constant"):
+        raise RecipeError(source, "schedule.name", "AdaFactor's relative step (lr: null) is its own schedule; "
+                          "use schedule.name: none, or give optimizer.lr with relative_step: false")
+    stand_in = torch.nn.Linear(2, 2)
+    build_optimizer(recipe, source, stand_in)
