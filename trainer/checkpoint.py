@@ -54,10 +54,11 @@ def find(resume: str, output_dir: str) -> Path | None:
         return None
     if resume == "auto":
         return latest(output_dir)
-    path = Path(resume)
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"checkpointing.resume: {resume!r} is not a leantrain checkpoint directory")
-    return path
+    return Path(resume)  # checked when the recipe was loaded (recipe.check_files)
+
+
+def is_checkpoint(path: str) -> bool:
+    return (Path(path) / TRAINER_STATE).is_file()
 
 
 def load(accelerator, path: Path) -> dict:

@@ -165,13 +165,13 @@ class MicroBatches:
     examples in the same order). Incomplete trailing batches are dropped.
     """
 
-    def __init__(self, dataset, batch_size: int, collate, *, seed: int, rank: int = 0, world: int = 1,
-                 num_workers: int = 0) -> None:
+    def __init__(self, dataset, batch_size: int, collate, *, seed: int, source: str = "recipe", rank: int = 0,
+                 world: int = 1, num_workers: int = 0) -> None:
         self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
         self.seed, self.rank, self.world, self.num_workers = seed, rank, world, num_workers
         self.per_epoch = len(dataset) // world // batch_size
         if self.per_epoch == 0:
-            raise RecipeError("data", "data.micro_batch_size",
+            raise RecipeError(source, "data.micro_batch_size",
                               f"{batch_size} × {world} rank(s) exceeds the {len(dataset)} training examples")
 
     def _indices(self, epoch: int) -> list[int]:

@@ -27,7 +27,7 @@ from . import checkpoint
 from .data import Collator, MicroBatches, Position, eval_batches, load_raw, loss_items, tokenize
 from .errors import RecipeError
 from .estimate import estimate_recipe, format_table
-from .model import build_model
+from .model import build_model, loading_errors
 from .optimizers import build_optimizer, check_combinations
 from .schedules import build_scheduler
 from .schema import Recipe
@@ -71,34 +71,41 @@ class Trainer:
     """Builds every component from a recipe (one small builder each), then ``run()``."""
 
     def __init__(self, recipe: Recipe, source: str) -> None:
+        check_combinations(recipe, source)  # before any heavy import or model load
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        check_combinations(recipe, source)
         self.recipe, self.source = recipe, source
+        # cpu=True on machines without an accelerator: only then does accelerate form a
+        # gloo group from a torchrun/SLURM environment instead of N independent runs.
         self.accelerator = Accelerator(mixed_precision="bf16" if recipe.precision == "bf16" else "no",
                                        log_with="wandb" if recipe.tracking.wandb else None,
-                                       project_dir=recipe.output_dir)
+                                       project_dir=recipe.output_dir, cpu=not torch.accelerator.is_available())
         acc = self.accelerator
         if recipe.accumulation.fused and acc.num_processes > 1:
             raise RecipeError(source, "accumulation.fused", "fused accumulation across processes needs the moment "
                               "all-reduce of DESIGN.md 4 (not built yet); use fused: false with several processes")
         set_seed(recipe.seed)
         cfg = recipe.data
-        raw = load_raw(cfg, recipe.seed, source)
-        self.tokenizer = build_tokenizer(recipe, raw[cfg.train_split][cfg.text_field] if recipe.tokenizer.train_vocab_size else None)
+        with loading_errors(source, "data.dataset" if cfg.dataset else "data.files", "the dataset"):
+            raw = load_raw(cfg, recipe.seed, source)
+        tokenizer_key = "tokenizer.name_or_path" if recipe.tokenizer.name_or_path else "model.name_or_path"
+        with loading_errors(source, tokenizer_key, "the tokenizer"):
+            self.tokenizer = build_tokenizer(
+                recipe, raw[cfg.train_split][cfg.text_field] if recipe.tokenizer.train_vocab_size else None)
         num_labels = recipe.model.num_labels
         if recipe.model.task == "sequence-classification" and num_labels is None:
             num_labels = len(set(raw[cfg.train_split][cfg.label_field]))
         train = tokenize(raw[cfg.train_split], recipe, self.tokenizer, source)
         self.eval_set = tokenize(raw[cfg.eval_split], recipe, self.tokenizer, source) if cfg.eval_split else None
         self.collate = Collator(self.tokenizer.pad_token_id, recipe.model.task)
-        self.batches = MicroBatches(train, cfg.micro_batch_size, self.collate, seed=recipe.seed,
+        self.batches = MicroBatches(train, cfg.micro_batch_size, self.collate, seed=recipe.seed, source=source,
                                     rank=acc.process_index, world=acc.num_processes, num_workers=cfg.num_workers)
         self.k = recipe.accumulation.steps
         self.total_updates = recipe.max_updates or max(1, int(recipe.epochs * self.batches.per_epoch // self.k))
 
-        model = build_model(recipe, tokenizer=self.tokenizer, num_labels=num_labels)
+        with loading_errors(source, "model.name_or_path", "the model"):
+            model = build_model(recipe, tokenizer=self.tokenizer, num_labels=num_labels)
         self.optimizer = build_optimizer(recipe, source, model)  # the leantrain/torch object (has .updated)
         self.scheduler = build_scheduler(recipe, self.optimizer, self.total_updates)
         self.model, self.prepared_optimizer = acc.prepare(model, self.optimizer)
@@ -121,10 +128,7 @@ class Trainer:
             acc.print(f"(memory estimate unavailable: {err})")
 
     def _resume(self) -> tuple[int, int, Cycle, str | None]:
-        try:
-            path = checkpoint.find(self.recipe.checkpointing.resume, self.recipe.output_dir)
-        except FileNotFoundError as err:
-            raise RecipeError(self.source, "checkpointing.resume", str(err).split(": ", 1)[1]) from None
+        path = checkpoint.find(self.recipe.checkpointing.resume, self.recipe.output_dir)
         if path is None:
             return 0, 0, Cycle(), None
         state = checkpoint.load(self.accelerator, path)

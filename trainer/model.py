@@ -18,9 +18,31 @@ def resolve_path(name: str) -> str:
         return name
     module, _, sub = name[len(PACKAGE_PREFIX):].partition("/")
     try:
-        return str(importlib.resources.files(module) / sub)
+        path = importlib.resources.files(module) / sub
     except ModuleNotFoundError:
-        raise RecipeError("model", name, f"package {module!r} is not installed (pip install it)") from None
+        raise OSError(f"package {module!r} is not installed (pip install it)") from None
+    if not path.is_dir():
+        raise OSError(f"package {module!r} has no directory {sub!r}")
+    return str(path)
+
+
+def loading_errors(source: str, key: str, what: str):
+    """Turn a hub/disk loading failure into one line naming the recipe key."""
+    return _LoadingErrors(source, key, what)
+
+
+class _LoadingErrors:
+    def __init__(self, source: str, key: str, what: str) -> None:
+        self.source, self.key, self.what = source, key, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if kind is not None and issubclass(kind, (OSError, ConnectionError, ValueError)) and not isinstance(err, RecipeError):
+            first = str(err).strip().splitlines()[0] if str(err).strip() else kind.__name__
+            raise RecipeError(self.source, self.key, f"cannot load {self.what}: {first[:300]}") from None
+        return False
 
 
 def _auto_class(task: str):

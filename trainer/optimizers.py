@@ -78,6 +78,24 @@ def param_groups(recipe: Recipe, model: torch.nn.Module) -> list[dict]:
     return groups
 
 
+# Optimizer arguments that the recipe spells elsewhere.
+_RECIPE_KEYS = {"accum_steps": "accumulation.steps", "accum_mode": "accumulation.mode"}
+
+
+def _recipe_key(message: str, cls: type) -> tuple[str, str]:
+    """Map an optimizer's argument error to the recipe key the user wrote."""
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", message)
+    if unexpected:
+        return f"optimizer.{unexpected[1]}", f"{cls.__name__} takes no argument {unexpected[1]!r}"
+    named = re.match(r"^(\w+)(\[\d\])?(=| with | needs )", message)
+    if named:
+        key = _RECIPE_KEYS.get(named[1], f"optimizer.{named[1]}")
+        for arg, recipe_key in _RECIPE_KEYS.items():
+            message = message.replace(arg, recipe_key)
+        return key, message
+    return "optimizer", message
+
+
 def _dtype_or_value(key: str, value):
     """YAML spells dtypes as strings: ``momentum_dtype: bfloat16`` -> torch.bfloat16."""
     if key.endswith("_dtype") and isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
@@ -101,7 +119,8 @@ def build_optimizer(recipe: Recipe, source: str, model: torch.nn.Module) -> torc
     try:
         optimizer = cls(groups, **kwargs)
     except (TypeError, ValueError) as err:
-        raise RecipeError(source, "optimizer", str(err).splitlines()[0]) from None
+        key, message = _recipe_key(str(err).splitlines()[0], cls)
+        raise RecipeError(source, key, message) from None
     if recipe.optimizer.lookahead:
         optimizer = optim.Lookahead(optimizer, k=recipe.optimizer.lookahead.k, alpha=recipe.optimizer.lookahead.alpha)
     if recipe.optimizer.ema:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ def resolve_recipe_path(name: str | None) -> Path:
     shipped = importlib.resources.files(BUILTIN_RECIPES) / (name if name.endswith(".yaml") else f"{name}.yaml")
     if shipped.is_file():
         return Path(str(shipped))
-    raise RecipeError(name, None, "no such recipe file (nor a recipe shipped with leantrain)")
+    hint = "; overrides are written section.key=value" if "." in name and not name.endswith(".yaml") else ""
+    raise RecipeError(name, None, f"no such recipe file (nor a recipe shipped with leantrain){hint}")
 
 
 def parse_override(text: str, source: str) -> tuple[list[str], Any]:
@@ -57,7 +59,10 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
 def _format_validation_error(err: ValidationError, source: str) -> RecipeError:
     first = err.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or None
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
+    named = re.match(r"^([a-z_.]+): (.*)$", message)
+    if named and first["type"] == "value_error":  # a cross-field check names its own key
+        key, message = (f"{key}.{named[1]}" if key else named[1]), named[2]
     if first["type"] == "extra_forbidden":
         message = "unknown key (check the spelling; `leantrain validate` lists each section's keys in the README)"
     elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
@@ -87,7 +92,14 @@ def load_recipe(name: str | None, overrides: list[str] | None = None) -> tuple[R
 
 
 def check_files(recipe: Recipe, source: str, recipe_dir: Path) -> None:
-    """Local data files must exist: resolved as given, else next to the recipe file."""
+    """Local data files must exist (resolved as given, else next to the recipe file); so must
+    a checkpoint named by ``checkpointing.resume``."""
+    from .checkpoint import is_checkpoint
+
+    resume = recipe.checkpointing.resume
+    if resume not in ("auto", "never") and not is_checkpoint(resume):
+        raise RecipeError(source, "checkpointing.resume", f"{resume!r} is not a leantrain checkpoint directory "
+                          "(allowed: auto, never, or a checkpoint path)")
     if not recipe.data.files:
         return
     resolved = {}

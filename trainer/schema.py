@@ -203,7 +203,7 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
         if self.max_updates is None and self.epochs is None:
-            raise ValueError("one of max_updates, epochs is required")
+            raise ValueError("max_updates: one of max_updates, epochs is required")
         if self.model.name_or_path is None and not (self.model.from_config or {}).get("model_type"):
-            raise ValueError("model.name_or_path is required (or model.from_config.model_type for a random init)")
+            raise ValueError("model.name_or_path: required (or model.from_config.model_type for a random init)")
         return self
