@@ -272,3 +272,20 @@ def test_hooks_follow_a_loaded_state_dict():
     _train(model, opt, batches[6:], fused=False)
     for a, b in zip(reference.parameters(), model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_stochastic_rounding_is_unbiased_and_exact_on_representable_values():
+    from leantrain.optim._rounding import stochastic_round_to_bf16
+
+    torch.manual_seed(0)
+    x = torch.full((200_000,), 1.0 + 2**-10)  # 1/8 of the way from 1.0 to the next bf16 value
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    stochastic_round_to_bf16(x, out)
+    assert set(out.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert out.float().mean().item() == pytest.approx(1.0 + 2**-10, abs=5e-5)
+    exact = torch.tensor([1.0, -2.5, 0.0, 3.140625])  # representable in bf16: never moved
+    stochastic_round_to_bf16(exact, out[:4])
+    assert torch.equal(out[:4].float(), exact)
+    negative = -x
+    stochastic_round_to_bf16(negative, out)
+    assert out.float().mean().item() == pytest.approx(-(1.0 + 2**-10), abs=5e-5)

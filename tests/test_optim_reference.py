@@ -260,3 +260,24 @@ def test_adax_second_moment_cannot_overflow_in_long_runs(t):
     torch.testing.assert_close(v, torch.full((4, 3), (1 - a_t) + 9 * a_t), rtol=1e-6, atol=0)
     if t >= 1_000_000:  # the raw v of the paper's recursion would be inf in fp32 here
         assert (1 + beta2) ** 1_000_000 > torch.finfo(torch.float32).max
+
+
+def test_adafactor_blocked_statistics_match_a_direct_reduction():
+    """Row and column means of g² from one blocked pass equal direct reductions, across block edges."""
+    from leantrain.optim import adafactor
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(5000, 7), (3, 2049, 4), (1, 1)]:
+        g = torch.randn(shape, generator=gen)
+        state = {"exp_avg_sq_row": torch.zeros(shape[:-1]), "exp_avg_sq_col": torch.zeros(shape[:-2] + shape[-1:])}
+        adafactor._fold_second_moment(g, state, decay=None, weight=1.0, eps1=0.0, factored=True)
+        sq = g.double().square()
+        torch.testing.assert_close(state["exp_avg_sq_row"], sq.mean(dim=-1).float(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(state["exp_avg_sq_col"], sq.mean(dim=-2).float(), rtol=1e-6, atol=0)
+        update = adafactor._Preconditioned(g, state, True, 1.0)
+        direct = g * (state["exp_avg_sq_row"] / state["exp_avg_sq_row"].mean(-1, keepdim=True)).rsqrt().unsqueeze(-1) \
+            * state["exp_avg_sq_col"].rsqrt().unsqueeze(-2)
+        torch.testing.assert_close(update.rms(), direct.pow(2).mean().sqrt(), rtol=1e-5, atol=0)
+        target = torch.zeros(shape)
+        update.add_to(target, torch.tensor(-0.5))
+        torch.testing.assert_close(target, -0.5 * direct, rtol=1e-6, atol=1e-7)
