@@ -52,24 +52,13 @@ def test_adafactor_on_cuda_equals_transformers():
     lambda p: optim.AdamW(p, lr=1e-2),
 ], ids=["adamw", "adafactor_bf16m", "adafactor_buffer", "adamw_k1_in_hook"])
 def test_fused_equals_unfused_on_cuda_with_bf16_autocast(make):
-    from tiny_models import tiny_gpt2, token_batches
+    from tiny_models import tiny_gpt2, token_batches, train_micro_steps
 
     batches = [b.cuda() for b in token_batches(12)]
     results = []
     for fused in (False, True):
         model = tiny_gpt2().cuda()
-        opt = make(list(model.parameters()))
-        if fused:
-            optim.fuse_into_backward(model, opt)
-        for ids in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            if fused:
-                assert all(p.grad is None for p in model.parameters())
-        results.append(model)
+        results.append(train_micro_steps(model, make(list(model.parameters())), batches, fused=fused, autocast="cuda"))
     for a, b in zip(results[0].parameters(), results[1].parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 

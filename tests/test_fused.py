@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import tiny_gpt2, token_batches
+from tiny_models import tiny_gpt2, token_batches, train_micro_steps
 
 from leantrain import optim
 
@@ -31,17 +31,7 @@ FUSED_CASES = {
 }
 
 
-def _train(model, opt, batches, *, fused: bool):
-    handle = optim.fuse_into_backward(model, opt) if fused else None
-    for ids in batches:
-        model(input_ids=ids, labels=ids).loss.backward()
-        if fused:
-            assert all(p.grad is None for p in model.parameters() if p.requires_grad)
-        opt.step()
-        opt.zero_grad()
-    if handle:
-        handle.remove()
-    return model
+_train = train_micro_steps
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad_ckpt"])
@@ -75,17 +65,8 @@ def test_bf16_autocast_fused_equals_unfused():
     results = []
     for fused in (False, True):
         model = tiny_gpt2()
-        opt = optim.AdamW(model.parameters(), lr=1e-2, accum_steps=4)
-        handle = optim.fuse_into_backward(model, opt) if fused else None
-        for ids in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        if handle:
-            handle.remove()
-        results.append(model)
+        results.append(_train(model, optim.AdamW(model.parameters(), lr=1e-2, accum_steps=4), batches,
+                              fused=fused, autocast="cpu"))
     for a, b in zip(results[0].parameters(), results[1].parameters()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 

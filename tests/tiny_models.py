@@ -22,3 +22,23 @@ def tiny_gpt2(seed: int = 0, vocab: int = 64):
 def token_batches(n: int, vocab: int = 64, batch: int = 2, seq: int = 12, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (batch, seq), generator=gen) for _ in range(n)]
+
+
+def train_micro_steps(model, opt, batches, *, fused: bool, autocast: str | None = None):
+    """Our protocol, fused or not: backward and step() every micro-batch (bf16 autocast if asked)."""
+    from contextlib import nullcontext
+
+    from leantrain import optim
+
+    handle = optim.fuse_into_backward(model, opt) if fused else None
+    for ids in batches:
+        with torch.autocast(autocast, dtype=torch.bfloat16) if autocast else nullcontext():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if fused:
+            assert all(p.grad is None for p in model.parameters() if p.requires_grad)
+        opt.step()
+        opt.zero_grad()
+    if handle:
+        handle.remove()
+    return model
