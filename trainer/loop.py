@@ -154,12 +154,12 @@ class Trainer:
                 cycle = Cycle(start=queue[0][0], taken=self.k,
                               total_items=self._global_items(sum(loss_items(b, r.model.task) for _, b in queue)))
             position, batch = queue.pop(0)
-            self._micro_step(batch, cycle)
+            skipped_items = self._micro_step(batch, cycle)
             cycle.processed += 1
-            if self._last_loss_was_skipped:
+            if skipped_items is not None:
                 queue.append(next(stream))  # a skipped micro-batch does not count toward k
                 cycle.taken += 1
-                cycle.total_items += self._global_items(loss_items(queue[-1][1], r.model.task) - self._skipped_items)
+                cycle.total_items += self._global_items(loss_items(queue[-1][1], r.model.task) - skipped_items)
             else:
                 micro_step += 1
                 micro_this_run += 1
@@ -180,26 +180,26 @@ class Trainer:
         metrics.close()
         return result
 
-    _last_loss_was_skipped = False
-    _skipped_items = 0
-
     def _global_items(self, local: int) -> int:
         """Loss terms summed over ranks: the denominator that makes ranks × k micro-batches one batch."""
         if self.accelerator.num_processes == 1:
             return local
         return int(self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), "sum"))
 
-    def _micro_step(self, batch: dict, cycle: Cycle) -> None:
+    def _micro_step(self, batch: dict, cycle: Cycle) -> int | None:
+        """Forward and backward one micro-batch (and fold it, outside standard mode).
+
+        Returns None, or — when the loss was not finite on any rank, so every
+        rank skips it together — this rank's loss terms of the skipped micro-batch.
+        """
         r, acc = self.recipe, self.accelerator
         batch = {key: value.to(acc.device) for key, value in batch.items()}
         items = loss_items(batch, r.model.task)
         with acc.autocast():
             loss = self.model(**batch).loss
-        self._last_loss_was_skipped = not optim.finite_loss(loss)
-        if self._last_loss_was_skipped:
-            self._skipped_items = items
-            acc.print(f"leantrain: skipped a micro-batch with non-finite loss ({loss.item()})")
-            return
+        if not self._finite_on_all_ranks(loss):
+            acc.print(f"leantrain: skipped a micro-batch with a non-finite loss (this rank: {loss.item()})")
+            return items
         # DDP averages gradients over ranks (× world undoes it); leantrain's optimizers apply 1/k (× k).
         share = items / cycle.total_items * acc.num_processes
         scale = share if r.accumulation.mode == "standard" else share * self.k
@@ -212,6 +212,15 @@ class Trainer:
             self.prepared_optimizer.zero_grad(set_to_none=True)
         cycle.loss_sum += loss.item() * items
         cycle.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        return None
+
+    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
+        """Ranks must skip together, or their micro-step counts (and collectives) diverge."""
+        finite = optim.finite_loss(loss)
+        if self.accelerator.num_processes == 1:
+            return finite
+        flags = self.accelerator.reduce(torch.tensor(int(not finite), device=self.accelerator.device), "sum")
+        return int(flags) == 0
 
     def _boundary(self, update: int, cycle: Cycle, metrics: Metrics, micro_step: int) -> dict:
         r, acc = self.recipe, self.accelerator
