@@ -9,7 +9,7 @@ from helpers import make_params, run_micro_steps
 from leantrain import optim
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)` before")
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
 def test_piecewise_linear_values():
     opt = optim.SGD(make_params(), lr=2.0)
     sched = optim.PiecewiseLinearLR(opt, {10: 1.0, 0: 0.0, 20: 0.5})

@@ -120,3 +120,16 @@ def test_quickstart_end_to_end_with_offline_wandb(tmp_path, monkeypatch):
     assert len(runs) == 1  # synced later with `wandb sync`
     logged = {row["_step"]: row["loss"] for row in wandb_offline.history(runs[0])}
     assert logged == pytest.approx({m["update"]: m["loss"] for m in lines})
+
+
+def test_gradient_checkpointing_recipe_trains_the_same_curve(tmp_path, files):
+    """model.gradient_checkpointing recomputes activations (non-reentrant) and changes no number."""
+    curves = []
+    for checkpointing in (False, True):
+        out = tmp_path / str(checkpointing)
+        recipe = tiny_lm_recipe(out, files, accumulation__steps=2, accumulation__fused=True,
+                                data__micro_batch_size=4, model__gradient_checkpointing=checkpointing)
+        train(recipe, "test")
+        _reset_accelerate()
+        curves.append([m["loss"] for m in metrics(out)])
+    assert curves[1] == pytest.approx(curves[0], rel=1e-6)
