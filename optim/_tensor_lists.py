@@ -44,6 +44,24 @@ def clip_rms_(directions: list[torch.Tensor], max_rms: float | None) -> None:
     torch._foreach_mul_(directions, factors)
 
 
+def step_along_ratio_(params, numerators, denominators, *, step: float, max_rms: float | None) -> None:
+    """θ ← θ + step·n/d per tensor, the ratio RMS-clipped to ``max_rms`` first (None: no clip).
+
+    Unclipped this is one ``addcdiv``. Clipped, the ratio is formed in the
+    denominators' memory (they are temporaries of the caller) so no further
+    full-size buffer is allocated; low-precision numerators are read in fp32.
+    """
+    if max_rms is None:
+        torch._foreach_addcdiv_(params, numerators, denominators, value=step)
+        return
+    if numerators[0].dtype != torch.float32:
+        numerators = [n.float() for n in numerators]
+    torch._foreach_div_(denominators, numerators)
+    torch._foreach_reciprocal_(denominators)
+    clip_rms_(denominators, max_rms)
+    torch._foreach_add_(params, denominators, alpha=step)
+
+
 def ema_split(beta: float, k: int, mode: str) -> tuple[float, float]:
     """(decay, weight) of one micro-step's fold into an EMA moment ``beta``.
 

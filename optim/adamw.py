@@ -27,7 +27,7 @@ import math
 import torch
 from ._accumulating import AccumulatingOptimizer
 from ._checks import check_betas, check_lr, check_max_update_rms, check_number, check_state_dtype
-from ._tensor_lists import chunks, clip_rms_, ema_split
+from ._tensor_lists import chunks, ema_split, step_along_ratio_
 
 _FUSED_DEVICES = ("cpu", "cuda")
 
@@ -151,10 +151,6 @@ def _adamw_apply(params, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, math.sqrt(1.0 - beta2**t))
     torch._foreach_add_(denom, eps)
-    if max_update_rms is None:
-        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / bias1)
-        return
-    torch._foreach_div_(denom, [m.float() for m in exp_avgs] if exp_avgs[0].dtype != torch.float32 else exp_avgs)
-    torch._foreach_reciprocal_(denom)  # denom now holds m/(√v̂+ε), reusing its memory
-    clip_rms_(denom, max_update_rms * bias1)
-    torch._foreach_add_(params, denom, alpha=-lr / bias1)
+    # m̂ = m/bias1, so clipping m/(√v̂+ε) at max·bias1 clips U at max.
+    step_along_ratio_(params, exp_avgs, denom, step=-lr / bias1,
+                      max_rms=None if max_update_rms is None else max_update_rms * bias1)

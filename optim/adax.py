@@ -31,7 +31,7 @@ import torch
 
 from ._accumulating import AccumulatingOptimizer
 from ._checks import check_lr, check_max_update_rms, check_number, check_state_dtype
-from ._tensor_lists import chunks, clip_rms_, ema_split
+from ._tensor_lists import chunks, ema_split, step_along_ratio_
 
 
 class AdaX(AccumulatingOptimizer):
@@ -99,16 +99,10 @@ class AdaX(AccumulatingOptimizer):
             ps = [params[i] for i in idx]
             if weight_decay:
                 torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
-            m = [states[i]["exp_avg"] for i in idx]
             denom = torch._foreach_sqrt([states[i]["exp_avg_sq"] for i in idx])
             torch._foreach_add_(denom, eps)
-            if group["max_update_rms"] is None:
-                torch._foreach_addcdiv_(ps, m, denom, value=-lr)
-                continue
-            torch._foreach_div_(denom, [x.float() for x in m] if m[0].dtype != torch.float32 else m)
-            torch._foreach_reciprocal_(denom)  # now m/(√v̂+ε), in the denominator's memory
-            clip_rms_(denom, group["max_update_rms"])
-            torch._foreach_add_(ps, denom, alpha=-lr)
+            step_along_ratio_(ps, [states[i]["exp_avg"] for i in idx], denom, step=-lr,
+                              max_rms=group["max_update_rms"])
 
 
 def _newest_weight(beta2: float, n: int) -> float:
