@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+from contextlib import contextmanager
 
 import torch
 
@@ -26,23 +27,16 @@ def resolve_path(name: str) -> str:
     return str(path)
 
 
+@contextmanager
 def loading_errors(source: str, key: str, what: str):
-    """Turn a hub/disk loading failure into one line naming the recipe key."""
-    return _LoadingErrors(source, key, what)
-
-
-class _LoadingErrors:
-    def __init__(self, source: str, key: str, what: str) -> None:
-        self.source, self.key, self.what = source, key, what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if kind is not None and issubclass(kind, (OSError, ConnectionError, ValueError)) and not isinstance(err, RecipeError):
-            first = str(err).strip().splitlines()[0] if str(err).strip() else kind.__name__
-            raise RecipeError(self.source, self.key, f"cannot load {self.what}: {first[:300]}") from None
-        return False
+    """Turn a hub/disk loading failure inside the block into one line naming the recipe key."""
+    try:
+        yield
+    except RecipeError:
+        raise
+    except (OSError, ConnectionError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecipeError(source, key, f"cannot load {what}: {first[:300]}") from None
 
 
 def _auto_class(task: str):
