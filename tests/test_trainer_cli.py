@@ -155,3 +155,17 @@ def test_transformers_trainer_with_a_leantrain_optimizer(tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert result.global_step == 20 and losses[-1] < 0.5 * losses[0]
     assert optimizer.state_bytes_by_component()["accumulation"] == 0
+
+
+@pytest.mark.parametrize("weight_decay", [None, 0.05], ids=["optimizer-default", "recipe-sets-it"])
+def test_one_dimensional_parameters_get_no_weight_decay(weight_decay):
+    """no_decay_1d (default) holds whether or not the recipe sets weight_decay itself."""
+    from leantrain.trainer.optimizers import build_optimizer
+
+    recipe = _recipe(optimizer={"name": "AdamW", "lr": 1e-3, "weight_decay": weight_decay})
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    opt = build_optimizer(recipe, "test", model)
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert [decay_of[id(p)] for p in model.parameters() if p.dim() < 2] == [0.0, 0.0, 0.0]
+    expected = 0.05 if weight_decay else optim.AdamW([torch.zeros(1)]).defaults["weight_decay"]
+    assert decay_of[id(model[0].weight)] == expected
