@@ -9,6 +9,7 @@ from .adafactor import AdaFactor
 from .adamw import AdamW
 from .adax import AdaX
 from .ema import EMA
+from ._interop import export_state_dict
 from .fused import FusedBackward, finite_loss, fuse_into_backward
 from .lookahead import Lookahead
 from .memory import MemoryReport, memory_report, state_bytes, state_bytes_by_component
@@ -30,4 +31,5 @@ __all__ = [
     "MemoryReport",
     "state_bytes",
     "state_bytes_by_component",
+    "export_state_dict",
 ]

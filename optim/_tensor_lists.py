@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ._sharding import GlobalSums, Layout
+
 # Boundary updates allocate temporaries (e.g. AdamW's denominator) the size of
 # the tensors they process. Processing the list in chunks of about this many
 # elements bounds that transient memory to ~64 MiB in fp32 instead of a full
@@ -28,23 +30,28 @@ def chunks(tensors: list[torch.Tensor], max_numel: int = CHUNK_NUMEL) -> Iterato
         yield chunk
 
 
-def clip_rms_(directions: list[torch.Tensor], max_rms: float | None) -> None:
+def clip_rms_(directions: list[torch.Tensor], max_rms: float | None, layouts: list[Layout | None] | None = None) -> None:
     """Scale each tensor in place so that its RMS is at most ``max_rms`` (None: no-op).
 
     Per-tensor update clipping: the fused-backward replacement for global
     gradient-norm clipping, which would need the averaged gradient. The
-    factors stay on the device (no host sync).
+    factors stay on the device (no host sync). Sharded tensors (``layouts``)
+    sum their squares over ranks in one batched all-reduce.
     """
     if max_rms is None or not directions:
         return
-    norms = torch._foreach_norm(directions)
-    factors = [
-        (max_rms * math.sqrt(d.numel()) / n.clamp(min=1e-30)).clamp_(max=1.0) for d, n in zip(directions, norms)
-    ]
+    layouts = layouts or [None] * len(directions)
+    sums = GlobalSums()
+    squares = [sums.add(n.square(), layout) for n, layout in zip(torch._foreach_norm(directions), layouts)]
+    sums.finish()
+    factors = []
+    for d, sq, layout in zip(directions, squares, layouts):
+        numel = d.numel() if layout is None else math.prod(layout.global_shape)
+        factors.append((max_rms * math.sqrt(numel) / sq.sqrt().clamp(min=1e-30)).clamp_(max=1.0))
     torch._foreach_mul_(directions, factors)
 
 
-def step_along_ratio_(params, numerators, denominators, *, step: float, max_rms: float | None) -> None:
+def step_along_ratio_(params, numerators, denominators, *, step: float, max_rms: float | None, layouts=None) -> None:
     """θ ← θ + step·n/d per tensor, the ratio RMS-clipped to ``max_rms`` first (None: no clip).
 
     Unclipped this is one ``addcdiv``. Clipped, the ratio is formed in the
@@ -54,22 +61,31 @@ def step_along_ratio_(params, numerators, denominators, *, step: float, max_rms:
     if max_rms is None:
         torch._foreach_addcdiv_(params, numerators, denominators, value=step)
         return
-    if numerators[0].dtype != torch.float32:
-        numerators = [n.float() for n in numerators]
+    numerators = [n if n.dtype == d.dtype else n.to(d.dtype) for n, d in zip(numerators, denominators)]
     torch._foreach_div_(denominators, numerators)
     torch._foreach_reciprocal_(denominators)
-    clip_rms_(denominators, max_rms)
+    clip_rms_(denominators, max_rms, layouts)
     torch._foreach_add_(params, denominators, alpha=step)
 
 
-def ema_split(beta: float, k: int, mode: str) -> tuple[float, float]:
-    """(decay, weight) of one micro-step's fold into an EMA moment ``beta``.
+def ema_split(beta: float, k: int, mode: str, j: int) -> tuple[float, float]:
+    """(decay once per cycle, weight of micro-step ``j``) of an EMA moment ``beta``.
 
-    exact: decay ``beta`` once per cycle, every micro-step adds ``(1-beta)/k``.
-    ema:   decay ``beta**(1/k)`` and add ``1-beta**(1/k)`` every micro-step, so
-           ``k`` micro-steps decay by ``beta`` in all (DESIGN.md 2.2).
+    exact: every micro-step adds ``(1-beta)/k`` of its gradient.
+    ema:   the DESIGN's per-micro-step recursion ``x ← β'·x + (1-β')·g`` with
+           ``β' = beta**(1/k)``, unrolled over the cycle: micro-step ``j`` adds
+           ``(1-β')·β'^(k-1-j)`` and the cycle decays by ``β'^k = beta`` once.
+           At the boundary this is the recursion exactly; unrolling it lets a
+           micro-step without a gradient count as a zero gradient (as ``.grad``
+           accumulation does) instead of skipping a decay.
+    Both modes add a total weight of ``1-beta`` per cycle.
     """
     if mode == "exact":
         return beta, (1.0 - beta) / k
     micro = beta ** (1.0 / k)
-    return micro, 1.0 - micro
+    return beta, (1.0 - micro) * micro ** (k - 1 - j)
+
+
+def real_views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Complex tensors as real views with a trailing dim of 2 (torch's treatment of complex parameters)."""
+    return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]

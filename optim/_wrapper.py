@@ -67,6 +67,12 @@ class OptimizerWrapper(Optimizer):
     def state_dict(self) -> dict:
         return self.base.state_dict()
 
+    def __getstate__(self) -> dict:
+        # torch's Optimizer pickles only defaults/state/param_groups; a wrapper
+        # also needs its base and settings (deepcopy, pickle).
+        extra = {k: v for k, v in self.__dict__.items() if k == "base" or (k.startswith("_") and not k.startswith("_optimizer"))}
+        return {**super().__getstate__(), **extra}
+
     def load_state_dict(self, state_dict: dict) -> None:
         self.base.load_state_dict(state_dict)
         self._share_base()  # torch replaces the base's state and group objects on load

@@ -2,8 +2,10 @@
 
 Paper: Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear
 Memory Cost", ICML 2018. Drop-in for ``transformers.optimization.Adafactor``:
-same keywords, defaults and meaning, and at k = 1 the same parameters step for
-step. For a weight with ≥2 dims (factored over its last two)::
+same keywords, defaults and meaning, at k = 1 the same parameters step for
+step, its state dicts load (``_interop``) and ``AdafactorSchedule`` reads the
+learning rate actually applied (``_get_lr``, ``state["RMS"]``). For a weight
+with ≥2 dims (factored over its last two)::
 
     β2_t = 1 − t^decay_rate                       (or a fixed ``beta2``)
     R ← β2_t·R + (1−β2_t)·mean_cols(g² + ε1)      C ← β2_t·C + (1−β2_t)·mean_rows(g² + ε1)
@@ -20,16 +22,25 @@ Momentum, two forms:
   ``beta1``): ``m ← β1·m + (1−β1)·lr_t·U``, ``θ ← θ − m``. It needs the mean
   gradient, so with k > 1 it keeps an explicit ``grad_accum`` buffer
   (``accum_dtype``); so does ``beta1=None``.
-* ``momentum_on="grad"`` (AdaFactorW, DESIGN.md 2.1): ``m`` is an EMA of
+* ``momentum_on="grad"`` (AdaFactorW, docs/design.md §2.1): ``m`` is an EMA of
   gradients and R, C accumulate micro-batch squares, both embedded in the
   accumulation; the boundary uses ``U = m̂ / √(R·C/mean(R))`` with
   ``m̂ = m/(1−β1^t)``, clipped and scaled as above. No buffer at any k.
 
-Departures from transformers: the update RMS is computed from the factored
-form without materialising U twice, and lr_t stays a device tensor (no host
-sync per tensor); results agree to float rounding. No ``state["RMS"]`` is
-stored: it is recomputed where needed. ``lazy_rows`` is refused for factored
-tensors, whose column statistics mix every row.
+Sharded parameters (FSDP2, dim-0 shards, uneven ones included): R and the
+momentum are local; each rank folds its column sums scaled so that their
+average over ranks is the global column mean, and the update averages C and
+sums ΣR, the column terms of RMS(U) and RMS(θ) across ranks in one batched
+all-reduce (``GlobalSums``), so the result equals the unsharded one up to
+summation order. RMS(U) is formed from factored sums,
+``RMS(U)² = mean(R)/n · Σ_j (Σ_i d_ij²/R_i)/C_j``, which needs no second round.
+
+Departures from transformers: the update RMS is computed from those sums
+without materialising U, and lr_t stays a device tensor (no host sync per
+tensor); results agree to float rounding. ``state["RMS"]`` is kept as a
+0-dim tensor, written only when ``scale_parameter`` uses it. ``lazy_rows`` is
+refused for factored tensors, whose column statistics mix every row, and
+complex parameters are refused (their factored statistics are undefined).
 """
 
 from __future__ import annotations
@@ -39,7 +50,8 @@ import math
 import torch
 
 from ._accumulating import AccumulatingOptimizer
-from ._checks import check_lr, check_number, check_state_dtype
+from ._checks import check_lr, check_number, check_state_dtype, scalar
+from ._sharding import GlobalSums, Layout, factored_stat_like
 from ._tensor_lists import ema_split
 
 MOMENTUM_ON = ("update", "grad")
@@ -62,7 +74,7 @@ class AdaFactor(AccumulatingOptimizer):
         warmup_init: bool = False,
         *,
         momentum_on: str = "update",
-        momentum_dtype: torch.dtype = torch.float32,
+        momentum_dtype: torch.dtype | None = None,
         beta2: float | None = None,
         min_dim_size_to_factor: int = 0,
         **common,
@@ -108,6 +120,10 @@ class AdaFactor(AccumulatingOptimizer):
             )
         super()._validate_group(group)
 
+    def _check_complex(self, group: dict, param: torch.Tensor) -> None:
+        raise ValueError(f"AdaFactor: complex parameter of shape {tuple(param.shape)} ({param.dtype}): its factored "
+                         "second moments are not defined for complex values; use AdamW or SGD for it")
+
     def _embeds(self, group: dict) -> bool:
         return group["beta1"] is not None and group["momentum_on"] == "grad"
 
@@ -118,63 +134,64 @@ class AdaFactor(AccumulatingOptimizer):
 
     def _init_state(self, group, param, state) -> None:
         if group["beta1"] is not None:
-            state["exp_avg"] = torch.zeros_like(param, dtype=group["momentum_dtype"])
+            state["exp_avg"] = torch.zeros_like(param, dtype=self._state_dtype(group, param, "momentum_dtype"))
+        dtype = self._state_dtype(group, param)
         if _factored(group, param):
-            shape = param.shape
-            state["exp_avg_sq_row"] = param.new_zeros(shape[:-1], dtype=torch.float32)
-            state["exp_avg_sq_col"] = param.new_zeros(shape[:-2] + shape[-1:], dtype=torch.float32)
+            state["exp_avg_sq_row"] = factored_stat_like(param, -1, dtype)
+            state["exp_avg_sq_col"] = factored_stat_like(param, -2, dtype)
         else:
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype)
+        state["RMS"] = torch.zeros((), dtype=dtype, device=param.device)
 
-    def _decay_factors(self, group, t, j) -> dict[str, float]:
-        k, mode = group["accum_steps"], group["accum_mode"]
-        second = ema_split(_beta2_at(group, t), k, mode)[0]
+    def _decay_factors(self, group, t) -> dict[str, float]:
+        second = _beta2_at(group, t)
         factors = {"exp_avg_sq_row": second, "exp_avg_sq_col": second, "exp_avg_sq": second}
         if group["beta1"] is not None:
-            factors["exp_avg"] = ema_split(group["beta1"], k, mode)[0]
+            factors["exp_avg"] = group["beta1"]
         return factors
 
-    def _fold(self, group, params, grads, states, *, t, j, decay) -> None:
+    @staticmethod
+    def _get_lr(param_group: dict, param_state: dict) -> float:
+        """The learning rate applied at the last update, as transformers' ``Adafactor._get_lr``.
+
+        ``transformers.optimization.AdafactorSchedule`` calls it to report lr_t
+        (one host read of ``state["RMS"]``).
+        """
+        step = max(1, int(param_state.get("step", 1)))
+        rel = param_group["lr"]
+        if param_group["relative_step"]:
+            min_step = 1e-6 * step if param_group["warmup_init"] else 1e-2
+            rel = min(min_step, 1.0 / math.sqrt(step))
+        scale = 1.0
+        if param_group["scale_parameter"] and "RMS" in param_state:
+            scale = max(param_group["eps"][1], float(param_state["RMS"]))
+        return scale * scalar(rel)
+
+    # --------------------------------------------------------------- the math
+    def _fold(self, group, params, grads, states, *, t, j, decay, layouts) -> None:
         k, mode = group["accum_steps"], group["accum_mode"]
-        decay1, weight1 = ema_split(group["beta1"], k, mode)
-        decay2, weight2 = ema_split(_beta2_at(group, t), k, mode)
-        for p, g, state in zip(params, grads, states):
+        decay1, weight1 = ema_split(group["beta1"], k, mode, j)
+        decay2, weight2 = ema_split(_beta2_at(group, t), k, mode, j)
+        for p, g, state, layout in zip(params, grads, states, layouts):
             _fold_second_moment(
-                g, state, decay=decay2 if decay else None, weight=weight2,
-                eps1=group["eps"][0], factored=_factored(group, p),
+                g, state, decay=decay2 if decay else None, weight=weight2, eps1=group["eps"][0],
+                factored=_factored(group, p), layout=layout,
                 momentum=(state["exp_avg"], decay1 if decay else None, weight1),
             )
 
-    def _apply(self, group, params, states, *, t) -> None:
+    def _apply(self, group, params, states, *, t, layouts) -> None:
         bias1 = 1.0 - group["beta1"] ** t
-        for p, state in zip(params, states):
-            lr_t = _lr_at(group, t, p)
-            update = _Preconditioned(state["exp_avg"], state, _factored(group, p), _v_scale(group, t))
-            coef = -lr_t / bias1 / (update.rms() / bias1 / group["clip_threshold"]).clamp_(min=1.0)
-            if group["weight_decay"]:
-                p.mul_(1.0 - group["weight_decay"] * lr_t)
-            update.add_to(p, coef)
+        _precondition_and_step(group, params, [s["exp_avg"] for s in states], states, layouts, t=t,
+                               direction_scale=1.0 / bias1, momentum_on_update=False)
 
-    def _step_on_grad(self, group, params, grads, states, *, t) -> None:
+    def _step_on_grad(self, group, params, grads, states, *, t, layouts) -> None:
         beta2_t = _beta2_at(group, t)
-        for p, g, state in zip(params, grads, states):
-            g = g.float()
-            lr_t = _lr_at(group, t, p)  # parameter scale from θ before this update
-            factored = _factored(group, p)
-            _fold_second_moment(g, state, decay=beta2_t, weight=1.0 - beta2_t, eps1=group["eps"][0], factored=factored)
-            update = _Preconditioned(g, state, factored, _v_scale(group, t))
-            step = lr_t / (update.rms() / group["clip_threshold"]).clamp_(min=1.0)
-            if group["beta1"] is None:
-                if group["weight_decay"]:
-                    p.mul_(1.0 - group["weight_decay"] * lr_t)
-                update.add_to(p, -step)
-            else:
-                m = state["exp_avg"]
-                m.mul_(group["beta1"])
-                update.add_to(m, (1.0 - group["beta1"]) * step)
-                if group["weight_decay"]:
-                    p.mul_(1.0 - group["weight_decay"] * lr_t)
-                p.sub_(m)
+        grads = [g.float() if g.dtype not in (torch.float32, torch.float64) else g for g in grads]
+        for p, g, state, layout in zip(params, grads, states, layouts):
+            _fold_second_moment(g, state, decay=beta2_t, weight=1.0 - beta2_t, eps1=group["eps"][0],
+                                factored=_factored(group, p), layout=layout)
+        _precondition_and_step(group, params, grads, states, layouts, t=t, direction_scale=1.0,
+                               momentum_on_update=group["beta1"] is not None)
 
 
 def _factored(group: dict, param: torch.Tensor) -> bool:
@@ -190,19 +207,20 @@ def _v_scale(group: dict, t: int) -> float:
     return 1.0 if group["beta2"] is None else math.sqrt(1.0 - group["beta2"] ** t)
 
 
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, dtype=torch.float32) / math.sqrt(x.numel())
+def _rows_split(layout: Layout | None, tensor: torch.Tensor) -> bool:
+    """Whether a factored tensor's rows (dim -2) are split across ranks.
 
-
-def _lr_at(group: dict, t: int, param: torch.Tensor) -> torch.Tensor:
-    """Relative step times parameter scale, as a 0-dim device tensor (no host sync)."""
-    rel = group["lr"]
-    if group["relative_step"]:
-        min_step = 1e-6 * t if group["warmup_init"] else 1e-2
-        rel = min(min_step, 1.0 / math.sqrt(t))
-    if group["scale_parameter"]:
-        return _rms(param).clamp_(min=group["eps"][1]).mul_(rel)
-    return param.new_full((), rel, dtype=torch.float32)
+    Leading-dim shards keep every matrix whole (local factored statistics);
+    a split of the columns (dim -1) would need row statistics summed per
+    micro-step and is refused.
+    """
+    if layout is None:
+        return False
+    if layout.splits(-1, tensor.dim()):
+        raise ValueError(
+            f"AdaFactor: a factored parameter of global shape {tuple(layout.global_shape)} is sharded along its "
+            "last dimension; shard dim 0 (FSDP2's default) or raise min_dim_size_to_factor for it")
+    return layout.splits(-2, tensor.dim())
 
 
 # Rows per block in the factored passes: a few MiB of temporaries that stay in
@@ -214,23 +232,27 @@ _BLOCK_ROWS = 2048
 def _row_blocks(x: torch.Tensor):
     """(start, block, scratch) over dim -2 of ``x``, each block up to _BLOCK_ROWS rows.
 
-    ``scratch`` is an fp32 buffer of the block's shape, allocated once per
-    tensor and reused: a fresh multi-MiB temporary per block costs page faults
-    that took longer than the arithmetic on CPU.
+    ``scratch`` is a buffer of the block's shape (fp32, or float64 for float64
+    tensors), allocated once per tensor and reused: a fresh multi-MiB temporary
+    per block costs page faults that took longer than the arithmetic on CPU.
     """
     rows = x.shape[-2]
-    buffer = torch.empty(x.shape[:-2] + (min(rows, _BLOCK_ROWS), x.shape[-1]), dtype=torch.float32, device=x.device)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    buffer = torch.empty(x.shape[:-2] + (min(rows, _BLOCK_ROWS), x.shape[-1]), dtype=dtype, device=x.device)
     for start in range(0, rows, _BLOCK_ROWS):
         n = min(_BLOCK_ROWS, rows - start)
         yield start, x.narrow(-2, start, n), buffer.narrow(-2, 0, n)
 
 
-def _fold_second_moment(g, state, *, decay, weight, eps1, factored, momentum=None) -> None:
+def _fold_second_moment(g, state, *, decay, weight, eps1, factored, layout=None, momentum=None) -> None:
     """R, C (or v) ← decay·(…) + weight·stat(g² + ε1); ``decay=None`` skips the decay.
 
     ``momentum=(m, decay1, weight1)`` also folds ``m ← decay1·m + weight1·g``.
     Factored: one blocked pass over g does all of it (each block of g is read
-    once; its square is reduced along rows and columns while in cache).
+    once; its square is reduced along rows and columns while in cache). With
+    rows split across ranks the column sums are scaled by ranks/global rows,
+    so that the average of C over ranks (taken at the update) is the global
+    column mean.
     """
     if momentum is not None:
         m, decay1, weight1 = momentum
@@ -256,53 +278,135 @@ def _fold_second_moment(g, state, *, decay, weight, eps1, factored, momentum=Non
             if decay1 is not None:
                 m_rows.mul_(decay1)
             m_rows.add_(block, alpha=weight1)
-        if block.dtype == torch.float32:
+        if block.dtype == sq.dtype:
             torch.mul(block, block, out=sq)
         else:  # math in fp32 for bf16 gradients
             sq.copy_(block).square_()
         row.narrow(-1, start, n).add_(sq.mean(dim=-1).add_(eps1), alpha=weight)
         col_sum.add_(sq.sum(dim=-2))
-    col.add_(col_sum.div_(g.shape[-2]).add_(eps1), alpha=weight)
+    local_rows = g.shape[-2]
+    if _rows_split(layout, g):
+        rows, ranks = layout.global_shape[-2], layout.world
+        col.add_(col_sum.add_(eps1 * local_rows).mul_(ranks / rows), alpha=weight)
+    else:
+        col.add_(col_sum.div_(local_rows).add_(eps1), alpha=weight)
 
 
 class _Preconditioned:
-    """``U = direction / √v̂`` without materialising U.
+    """``U = direction / √v̂`` of one tensor, with its global sums registered for one all-reduce.
 
-    Factored: ``U_ij = d_ij · r_i · c_j`` with ``r = (R/mean(R))^-½`` and
-    ``c = C^-½`` (vectors). ``rms()`` and ``add_to()`` each make one blocked pass
-    over the direction; the only temporaries are one block. Unfactored (1-D and
-    small tensors): U itself, ``d · v^-½``.
+    Factored: ``U_ij = d_ij · r_i · c_j`` with ``r = (mean(R)/R)^½`` and
+    ``c = C^-½`` (vectors, times the bias scale of a fixed beta2). Sums that
+    cross ranks (C's average over split rows, ΣR, the column terms
+    ``q_j = Σ_i d_ij²/R_i``, ΣU² of unfactored tensors and Σθ²) are registered
+    with ``sums``; ``rms()`` and ``add_to()`` are valid after ``sums.finish()``.
+    Unfactored (1-D and small tensors): U itself, ``d · v^-½``.
     """
 
-    def __init__(self, direction: torch.Tensor, state: dict, factored: bool, v_scale: float) -> None:
-        self.direction, self.factored = direction, factored
-        if factored:
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            self.row_scale = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().mul_(v_scale)
-            self.col_scale = col.rsqrt().unsqueeze(-2)
-        else:
+    def __init__(self, param, direction, state, factored: bool, v_scale: float, layout, sums: GlobalSums,
+                 *, param_scale: bool) -> None:
+        self.direction, self.factored, self.v_scale = direction, factored, v_scale
+        self.numel = direction.numel() if layout is None else math.prod(layout.global_shape)
+        acc = torch.float64 if direction.dtype == torch.float64 else torch.float32
+        self.theta_sq = sums.add(_sum_squares(param, acc), layout) if param_scale else None
+        if not factored:
             self.update = direction * state["exp_avg_sq"].rsqrt()
             if v_scale != 1.0:
                 self.update.mul_(v_scale)
+            self.u_sq = sums.add(_sum_squares(self.update, acc), layout)
+            return
+        self.row, self.col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        if _rows_split(layout, direction):
+            self.rows = layout.global_shape[-2]
+            self.col.div_(layout.world)  # average over ranks after the SUM: every rank then holds global C
+            sums.add(self.col, layout)
+            self.row_sum = sums.add(self.row.sum(dim=-1, keepdim=True), layout)
+            self.q = sums.add(self._column_terms(), layout)
+            self.u_sq = None  # formed after the reduction from the global C, ΣR and q
+        else:
+            self.rows = direction.shape[-2]
+            self.row_sum = self.row.sum(dim=-1, keepdim=True)
+            self.q = self._column_terms()
+            self.u_sq = sums.add(self._factored_u_sq(), layout)
+
+    def _column_terms(self) -> torch.Tensor:
+        """q_j = Σ_i d_ij² / R_i over this rank's rows (one blocked pass)."""
+        q = torch.zeros_like(self.col)
+        for start, block, sq in _row_blocks(self.direction):
+            torch.mul(block, block, out=sq) if block.dtype == sq.dtype else sq.copy_(block).square_()
+            sq.div_(self.row.narrow(-1, start, block.shape[-2]).unsqueeze(-1))
+            q.add_(sq.sum(dim=-2))
+        return q
+
+    def _factored_u_sq(self) -> torch.Tensor:
+        mean_row = self.row_sum / self.rows  # lead + (1,)
+        return (mean_row * (self.q / self.col).sum(dim=-1, keepdim=True)).sum() * self.v_scale**2
 
     def rms(self) -> torch.Tensor:
-        """RMS(U) as a 0-dim device tensor (no host sync)."""
-        if not self.factored:
-            return torch.linalg.vector_norm(self.update).div_(math.sqrt(self.update.numel()))
-        sq_norm = torch.zeros((), dtype=torch.float32, device=self.direction.device)
-        for start, block, scaled in _row_blocks(self.direction):
-            torch.mul(block, self.col_scale, out=scaled)  # fp32: col_scale promotes a bf16 block
-            rows = self.row_scale.narrow(-1, start, block.shape[-2])
-            sq_norm.add_((torch.linalg.vector_norm(scaled, dim=-1).square_() * rows.square()).sum())
-        return sq_norm.sqrt_().div_(math.sqrt(self.direction.numel()))
+        """RMS(U) over the whole (global) tensor, a 0-dim device tensor (no host sync)."""
+        u_sq = self.u_sq if self.u_sq is not None else self._factored_u_sq()
+        return u_sq.div(self.numel).sqrt_()
+
+    def param_rms(self) -> torch.Tensor:
+        return self.theta_sq.div(self.numel).sqrt_()
 
     def add_to(self, target: torch.Tensor, coef: torch.Tensor) -> None:
         """target ← target + coef·U (coef a 0-dim tensor)."""
         if not self.factored:
             target.addcmul_(self.update, coef)
             return
+        row_scale = (self.row_sum / self.rows / self.row).sqrt_().mul_(self.v_scale)  # (mean(R)/R)^½
+        col_scale = self.col.rsqrt().unsqueeze(-2)
         for start, block, scaled in _row_blocks(self.direction):
             n = block.shape[-2]
-            rows = (self.row_scale.narrow(-1, start, n) * coef).unsqueeze(-1)
-            torch.mul(block, self.col_scale, out=scaled)
+            rows = (row_scale.narrow(-1, start, n) * coef).unsqueeze(-1)
+            torch.mul(block, col_scale, out=scaled)
             target.narrow(-2, start, n).addcmul_(scaled, rows)
+
+
+def _sum_squares(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Σx² as a 0-dim tensor, one reduction pass and no full-size temporary."""
+    return torch.linalg.vector_norm(x, dtype=dtype).square_()
+
+
+def _lr_at(group: dict, t: int, theta_rms: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Relative step times parameter scale, as a 0-dim device tensor (no host sync)."""
+    rel = group["lr"]
+    if group["relative_step"]:
+        min_step = 1e-6 * t if group["warmup_init"] else 1e-2
+        rel = min(min_step, 1.0 / math.sqrt(t))
+    rel = scalar(rel)
+    if group["scale_parameter"]:
+        return theta_rms.clamp(min=group["eps"][1]).mul_(rel)
+    return torch.full((), rel, dtype=theta_rms.dtype if theta_rms is not None else torch.float32, device=like.device)
+
+
+def _precondition_and_step(group, params, directions, states, layouts, *, t, direction_scale, momentum_on_update):
+    """The update of every tensor, with all cross-rank sums in one batched all-reduce.
+
+    ``direction_scale`` multiplies U (1/bias1 for the gradient momentum);
+    ``momentum_on_update``: transformers' form, m ← β1·m + (1−β1)·lr_t·U, θ ← θ − m.
+    """
+    sums = GlobalSums()
+    v_scale = _v_scale(group, t)
+    pre = [_Preconditioned(p, d, s, _factored(group, p), v_scale, layout, sums, param_scale=group["scale_parameter"])
+           for p, d, s, layout in zip(params, directions, states, layouts)]
+    sums.finish()
+    beta1, weight_decay, clip = group["beta1"], group["weight_decay"], group["clip_threshold"]
+    for p, state, update in zip(params, states, pre):
+        theta_rms = update.param_rms() if group["scale_parameter"] else None
+        if theta_rms is not None:
+            state["RMS"].copy_(theta_rms)
+        lr_t = _lr_at(group, t, theta_rms, p)  # parameter scale from θ before this update
+        step = lr_t * direction_scale / (update.rms() * direction_scale / clip).clamp_(min=1.0)
+        if momentum_on_update:
+            m = state["exp_avg"]
+            m.mul_(beta1)
+            update.add_to(m, step * (1.0 - beta1))
+            if weight_decay:
+                p.mul_(1.0 - weight_decay * lr_t)
+            p.sub_(m)
+            continue
+        if weight_decay:
+            p.mul_(1.0 - weight_decay * lr_t)
+        update.add_to(p, -step)

@@ -15,8 +15,12 @@ no term overflows for any t (a_1 = 1, a_t → 0 as memory lengthens).
 
 Embedded accumulation (mode ``exact``): the first micro-step of a cycle
 decays ``m`` by β1 and ``v̂`` by ``1−a_t``; every micro-step adds ``(1−β1)/k·g``
-and ``a_t/k·g²``. Mode ``ema`` runs the same recursions per micro-step with
-``β1' = β1^(1/k)`` and ``1+β2' = (1+β2)^(1/k)``.
+and ``a_t/k·g²``. Mode ``ema`` is the same recursion run per micro-step with
+``β1' = β1^(1/k)`` and ``1+β2' = (1+β2)^(1/k)`` over micro-step counts
+``n = (t−1)·k + j + 1``, unrolled over the cycle (docs/design.md §2.2): the
+cycle decays v̂ once by ``(1−e^{−n0·x})/(1−e^{−(n0+k)·x})`` and micro-step j
+adds ``β2'·e^{−(n0+1+j)·x}/(1−e^{−(n0+k)·x})·g²``, with ``x = log1p(β2')``,
+``n0 = (t−1)·k`` — again no term that can overflow.
 
 Departures from the authors' code: ε is added to √v̂ (as the issue and the
 paper's equations state), not to √v before the bias correction; weight decay
@@ -30,7 +34,7 @@ import math
 import torch
 
 from ._accumulating import AccumulatingOptimizer
-from ._checks import check_lr, check_max_update_rms, check_number, check_state_dtype
+from ._checks import check_lr, check_max_update_rms, check_number, check_state_dtype, scalar
 from ._tensor_lists import chunks, ema_split, step_along_ratio_
 
 
@@ -43,7 +47,7 @@ class AdaX(AccumulatingOptimizer):
         eps: float = 1e-12,
         weight_decay: float = 0.0,
         *,
-        momentum_dtype: torch.dtype = torch.float32,
+        momentum_dtype: torch.dtype | None = None,
         max_update_rms: float | None = None,
         **common,
     ) -> None:
@@ -66,25 +70,25 @@ class AdaX(AccumulatingOptimizer):
         return True
 
     def _init_state(self, group, param, state) -> None:
-        state["exp_avg"] = torch.zeros_like(param, dtype=group["momentum_dtype"])
-        state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)  # holds v̂, not v
+        state["exp_avg"] = torch.zeros_like(param, dtype=self._state_dtype(group, param, "momentum_dtype"))
+        state["exp_avg_sq"] = torch.zeros_like(param, dtype=self._state_dtype(group, param))  # holds v̂, not v
 
     def _second_moment_split(self, group, t: int, j: int) -> tuple[float, float]:
-        """(decay, weight) of one fold into v̂ for update t, micro-step j."""
+        """(decay once per cycle, weight of micro-step j) of the folds into v̂ for update t."""
         beta2, k = group["betas"][1], group["accum_steps"]
         if group["accum_mode"] == "exact":
             a = _newest_weight(beta2, t)
             return 1.0 - a, a / k
-        micro_beta2 = math.expm1(math.log1p(beta2) / k)
-        a = _newest_weight(micro_beta2, (t - 1) * k + j + 1)
-        return 1.0 - a, a
+        x = math.log1p(beta2) / k  # log(1+β2') per micro-step
+        n0 = (t - 1) * k
+        end = -math.expm1(-(n0 + k) * x)
+        return -math.expm1(-n0 * x) / end, math.expm1(x) * math.exp(-(n0 + 1 + j) * x) / end
 
-    def _decay_factors(self, group, t, j) -> dict[str, float]:
-        beta1, k, mode = group["betas"][0], group["accum_steps"], group["accum_mode"]
-        return {"exp_avg": ema_split(beta1, k, mode)[0], "exp_avg_sq": self._second_moment_split(group, t, j)[0]}
+    def _decay_factors(self, group, t) -> dict[str, float]:
+        return {"exp_avg": group["betas"][0], "exp_avg_sq": self._second_moment_split(group, t, 0)[0]}
 
-    def _fold(self, group, params, grads, states, *, t, j, decay) -> None:
-        decay1, weight1 = ema_split(group["betas"][0], group["accum_steps"], group["accum_mode"])
+    def _fold(self, group, params, grads, states, *, t, j, decay, layouts) -> None:
+        decay1, weight1 = ema_split(group["betas"][0], group["accum_steps"], group["accum_mode"], j)
         decay2, weight2 = self._second_moment_split(group, t, j)
         m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         if decay:
@@ -93,8 +97,8 @@ class AdaX(AccumulatingOptimizer):
         torch._foreach_add_(m, grads, alpha=weight1)
         torch._foreach_addcmul_(v, grads, grads, value=weight2)
 
-    def _apply(self, group, params, states, *, t) -> None:
-        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+    def _apply(self, group, params, states, *, t, layouts) -> None:
+        lr, eps, weight_decay = scalar(group["lr"]), group["eps"], group["weight_decay"]
         for idx in chunks(params):
             ps = [params[i] for i in idx]
             if weight_decay:
@@ -102,7 +106,7 @@ class AdaX(AccumulatingOptimizer):
             denom = torch._foreach_sqrt([states[i]["exp_avg_sq"] for i in idx])
             torch._foreach_add_(denom, eps)
             step_along_ratio_(ps, [states[i]["exp_avg"] for i in idx], denom, step=-lr,
-                              max_rms=group["max_update_rms"])
+                              max_rms=group["max_update_rms"], layouts=[layouts[i] for i in idx])
 
 
 def _newest_weight(beta2: float, n: int) -> float:

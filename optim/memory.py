@@ -3,7 +3,8 @@
 Works for any ``torch.optim.Optimizer`` (torch's own included): it walks
 ``optimizer.state`` and sums ``numel * element_size`` of every tensor. Python
 scalars (step counters, cycle positions) hold no tensor memory and are not
-counted. Names not listed below fall into ``"other"``.
+counted. Names not listed below fall into ``"other"``. Sharded tensors
+(FSDP2's DTensors) count their local shard: the figures are per rank.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ._sharding import local
 
 # State key -> component, for leantrain's and torch's optimizers.
 STATE_COMPONENTS: dict[str, str] = {
@@ -33,6 +36,8 @@ COMPONENTS = ("moments", "factored", "accumulation", "wrappers", "lazy_rows", "o
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes this rank holds for ``tensor`` (a DTensor's local shard)."""
+    tensor = local(tensor)
     return tensor.numel() * tensor.element_size()
 
 
@@ -100,7 +105,7 @@ def memory_report(model_or_params, optimizer: torch.optim.Optimizer | None = Non
     by_component = state_bytes_by_component(optimizer) if optimizer is not None else dict.fromkeys(COMPONENTS, 0)
     accumulation = by_component.pop("accumulation")
     return MemoryReport(
-        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        trainable_params=sum(local(p).numel() for p in params if p.requires_grad),
         parameters=sum(tensor_bytes(p) for p in params),
         gradients=sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
         optimizer_state=sum(by_component.values()),

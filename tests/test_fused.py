@@ -99,7 +99,8 @@ def test_nonfinite_loss_micro_batch_is_skipped_and_does_not_count():
         assert torch.equal(a, b)
 
 
-def test_nonfinite_gradient_is_counted_and_not_folded():
+def test_nonfinite_gradient_is_counted_and_folded_as_zero():
+    """Mid-cycle, a zero gradient adds nothing: the poisoned parameter's state is unchanged."""
     model = tiny_gpt2()
     opt = optim.AdamW(model.parameters(), lr=1e-2, accum_steps=4)
     handle = optim.fuse_into_backward(model, opt)
@@ -113,8 +114,9 @@ def test_nonfinite_gradient_is_counted_and_not_folded():
     model(input_ids=ids[1], labels=ids[1]).loss.backward()
     opt.step()
     poison.remove()
-    assert handle.nonfinite_grads == {"transformer.h.0.mlp.c_fc.weight": 1}
-    assert "transformer.h.0.mlp.c_fc.weight: 1 non-finite gradient(s) not folded" in handle.report()
+    assert handle.nonfinite_grads == handle.local_nonfinite_grads == {"transformer.h.0.mlp.c_fc.weight": 1}
+    assert "transformer.h.0.mlp.c_fc.weight: 1 non-finite gradient(s) folded as zero" in \
+        handle.report(handle.nonfinite_grads)
     for key, value in before.items():
         assert torch.equal(opt.state[target][key], value)
     assert not torch.equal(opt.state[model.transformer.wte.weight]["exp_avg"], other_before)

@@ -24,7 +24,7 @@ ERRORS = [
     ("unknown mode", lambda: optim.AdamW(_p(), accum_mode="sometimes"), ValueError,
      r"accum_mode='sometimes': allowed values are 'exact', 'ema'"),
     ("fp16 momentum", lambda: optim.AdamW(_p(), momentum_dtype=torch.float16), ValueError,
-     r"momentum_dtype=torch\.float16: allowed dtypes are torch\.float32, torch\.bfloat16"),
+     r"momentum_dtype=torch\.float16: allowed dtypes are None \(the parameter's precision\), torch\.float32, torch\.bfloat16"),
     ("momentum >= 1", lambda: optim.SGD(_p(), momentum=1.5), ValueError, r"momentum=1\.5: allowed range"),
     ("nesterov with dampening", lambda: optim.SGD(_p(), momentum=0.9, dampening=0.1, nesterov=True), ValueError,
      r"nesterov=True needs momentum > 0 and dampening=0"),

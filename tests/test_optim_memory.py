@@ -16,7 +16,7 @@ def test_adafactor_without_momentum_holds_factored_vectors_only():
     (w,) = make_params([(4096, 1024)])
     opt = optim.AdaFactor([w])
     _one_step(opt, [w])
-    assert opt.state_bytes() == (4096 + 1024) * 4
+    assert opt.state_bytes() == (4096 + 1024) * 4 + 4  # + the 0-dim RMS(θ) that AdafactorSchedule reads
     assert opt.state_bytes_by_component()["factored"] == (4096 + 1024) * 4
 
 
@@ -46,7 +46,7 @@ def test_adafactor_grad_momentum_bf16_state():
     _one_step(opt, [w])
     assert opt.state_bytes_by_component() == {
         "moments": 256 * 128 * 2, "factored": (256 + 128) * 4, "accumulation": 0,
-        "wrappers": 0, "lazy_rows": 0, "other": 0,
+        "wrappers": 0, "lazy_rows": 0, "other": 4,  # the 0-dim RMS(θ)
     }
 
 

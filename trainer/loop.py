@@ -237,8 +237,10 @@ class Trainer:
         values = {"update": update, "loss": loss_sum.item() / cycle.total_items, "lr": self.optimizer.param_groups[0]["lr"],
                   "micro_step": micro_step, "tokens": cycle.tokens, "tokens_per_s": self._throughput(cycle),
                   "peak_memory_mib": _peak_memory_mib(acc.device)}
-        if self.fused is not None and self.fused.nonfinite_grads:
-            values["nonfinite_grads"] = sum(self.fused.nonfinite_grads.values())
+        if self.fused is not None:
+            counts = self.fused.nonfinite_grads  # all ranks: one all-reduce of the counts, one host sync
+            if counts:
+                values["nonfinite_grads"] = sum(counts.values())
         if r.eval.every_updates and update % r.eval.every_updates == 0 and update < self.total_updates:
             values.update(self.evaluate())
         if update % r.tracking.log_every_updates == 0 or update == self.total_updates:
@@ -296,8 +298,10 @@ class Trainer:
             with self.ema.averaged_weights() if self.ema else nullcontext():
                 path = checkpoint.save_final(acc.unwrap_model(self.model), self.tokenizer, r.output_dir)
             acc.print(f"leantrain: done, {update} updates; final model in {path}")
-        if self.fused is not None and self.fused.nonfinite_grads:
-            acc.print(self.fused.report())
+        if self.fused is not None:
+            counts = self.fused.nonfinite_grads
+            if counts:
+                acc.print(self.fused.report(counts))
         return {**last, **final_eval, "update": update, "micro_step": micro_step, "stopped": False}
 
 
