@@ -146,7 +146,9 @@ def _check_state_keys(optimizer, state_dict: dict) -> None:
         raise ValueError(f"{name}.load_state_dict: the state dict holds {len(indices)} parameters, "
                          f"this optimizer {len(params)}")
     position = {index: n for n, index in enumerate(indices)}
-    groups = [g for g in state_dict["param_groups"] for _ in g["params"]]
+    # The group each parameter will have after loading: saved hyperparameters, this optimizer's params.
+    groups = [{**saved, "params": current["params"]}
+              for current, saved in zip(optimizer.param_groups, state_dict["param_groups"]) for _ in saved["params"]]
     for index, entry in state_dict["state"].items():
         if index not in position:
             raise ValueError(f"{name}.load_state_dict: state for parameter {index!r}, which no param group lists")
@@ -161,7 +163,7 @@ def _check_state_keys(optimizer, state_dict: dict) -> None:
 
 def _expected_keys(optimizer, group: dict, param: torch.Tensor) -> set[str]:
     """The state keys ``_state_for`` creates for ``param`` (computed on the meta device, free)."""
-    merged = {**_own_keys(optimizer.param_groups[0]), **group}
+    merged = {**_own_keys(optimizer.param_groups[0]), **group}  # an older leantrain group may lack new keys
     probe: dict = {}
     meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
     optimizer._init_state(merged, meta, probe)

@@ -50,6 +50,10 @@ class OptimizerWrapper(Optimizer):
     def accum_steps(self) -> int:
         return getattr(self.base, "accum_steps", 1)
 
+    @property
+    def micro_step(self) -> int:
+        return getattr(self.base, "micro_step", 0)
+
     @torch.no_grad()
     def step(self, closure=None):
         self._before_step()
@@ -57,6 +61,13 @@ class OptimizerWrapper(Optimizer):
         if self.updated:
             self._after_update()
         return loss
+
+    def end_cycle(self) -> None:
+        """Close the wrapped optimizer's open cycle now (see ``AccumulatingOptimizer.end_cycle``)."""
+        was = self.base.micro_step
+        self.base.end_cycle()
+        if self.updated and self.base.micro_step != was:
+            self._after_update()
 
     def _before_step(self) -> None:
         pass

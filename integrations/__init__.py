@@ -1,0 +1,1 @@
+"""Integrations of leantrain's optimizers with other training loops (transformers.Trainer)."""

@@ -1,0 +1,349 @@
+"""Rewritten from pytorch test/test_optim.py (TestOptimRenewed): test_forloop_goes_right_direction,
+test_param_group_with_lrscheduler_goes_right_direction, test_tensor_lr, test_rosenbrock_sparse,
+test_foreach_matches_forloop (_compare_between), test_param_groups_weight_decay, test_param_groups_lr,
+test_step_is_noop_when_params_have_no_grad, test_step_is_noop_for_zero_grads; with the inputs of
+torch/testing/_internal/common_optimizers.py (optim_inputs_func_sgd, optim_inputs_func_adam/adamw,
+the SGD OptimizerInfo's scheduler_inputs and metadata_for_sparse) and the SGD/AdamW flag sets of the
+older test/test_optim.py::TestOptim::test_multi_tensor_optimizers.
+
+Where torch compares its foreach/fused implementations with its forloop one, these tests compare
+leantrain (k = 1) with the real torch optimizer run as a forloop, and keep torch's own assertions
+(loss direction, untouched parameters) on top.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peer_support import (
+    FP64,
+    TORCH_EQUIVALENT,
+    case_params,
+    clone_param,
+    fresh,
+    mlp_input,
+    quadratic_loss,
+    rosenbrock,
+    rosenbrock_grad,
+    tiny_mlp,
+    tol_for,
+    torch_kwargs,
+    weight_bias_input,
+)
+from torch.optim.lr_scheduler import (
+    ConstantLR,
+    ExponentialLR,
+    LinearLR,
+    PolynomialLR,
+    ReduceLROnPlateau,
+    StepLR,
+)
+
+from leantrain import optim as lt
+
+# The SGD OptimizerInfo's scheduler_inputs; every other optimizer uses the default pair.
+SGD_SCHEDULERS = [
+    [lambda o: StepLR(o, gamma=0.9, step_size=10)],
+    [lambda o: LinearLR(o, start_factor=0.4, end_factor=0.8, total_iters=4)],
+    [lambda o: StepLR(o, gamma=0.9, step_size=10), lambda o: LinearLR(o, start_factor=0.4, end_factor=0.6, total_iters=4)],
+    [lambda o: StepLR(o, gamma=0.99, step_size=10), lambda o: ExponentialLR(o, gamma=0.99), lambda o: ReduceLROnPlateau(o)],
+    [lambda o: ConstantLR(o, factor=0.4, total_iters=4)],
+    [lambda o: PolynomialLR(o, power=0.9, total_iters=4)],
+    [lambda o: StepLR(o, gamma=0.9, step_size=10), lambda o: ReduceLROnPlateau(o)],
+]
+DEFAULT_SCHEDULERS = [[lambda o: StepLR(o, gamma=0.9, step_size=10), lambda o: ReduceLROnPlateau(o)]]
+
+COMPARABLE = case_params([lt.SGD, lt.AdamW])
+
+
+def _step_schedulers(schedulers, loss):
+    for s in schedulers:
+        if isinstance(s, ReduceLROnPlateau):
+            s.step(loss)
+        else:
+            s.step()
+
+
+def _train_quadratic(cls, kwargs, weight, bias, inp, schedulers=(), steps=20, use_closure=False):
+    opt = cls([weight, bias], **kwargs)
+    scheds = [make(opt) for make in schedulers]
+
+    def closure():
+        opt.zero_grad()
+        loss = quadratic_loss(weight, bias, inp)
+        loss.backward()
+        return loss
+
+    initial = closure().item()
+    for _ in range(steps):
+        if use_closure:
+            loss = opt.step(closure)
+        else:
+            loss = closure()
+            opt.step()
+        _step_schedulers(scheds, loss)
+    with torch.no_grad():
+        final = quadratic_loss(weight, bias, inp).item()
+    return opt, initial, final
+
+
+# ----------------------------------------------------- test_forloop_goes_right_direction
+@pytest.mark.parametrize("with_lrsched", [False, True], ids=["no_sched", "lrsched"])
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("cls, kwargs", COMPARABLE)
+def test_goes_right_direction_and_matches_torch(cls, kwargs, contiguous, with_lrsched):
+    if with_lrsched:
+        sched_lists = SGD_SCHEDULERS if cls is lt.SGD else DEFAULT_SCHEDULERS
+    else:
+        sched_lists = [[]]
+    for schedulers in sched_lists:
+        weight, bias, inp = weight_bias_input(contiguous=contiguous)
+        ref_w, ref_b = clone_param(weight), clone_param(bias)
+        opt, initial, final = _train_quadratic(cls, fresh(kwargs), weight, bias, inp, schedulers)
+        ref_opt, _, ref_final = _train_quadratic(TORCH_EQUIVALENT[cls], torch_kwargs(kwargs), ref_w, ref_b, inp,
+                                                 schedulers)
+        if kwargs.get("maximize", False):
+            assert final > initial
+        else:
+            assert final < initial
+        torch.testing.assert_close(weight.detach(), ref_w.detach(), **tol_for(weight.dtype))
+        torch.testing.assert_close(bias.detach(), ref_b.detach(), **tol_for(bias.dtype))
+        assert float(opt.param_groups[0]["lr"]) == pytest.approx(float(ref_opt.param_groups[0]["lr"]), rel=1e-6)
+
+
+# ------------------------------------- test_param_group_with_lrscheduler_goes_right_direction
+@pytest.mark.parametrize("cls", [lt.SGD, lt.AdamW], ids=lambda c: c.__name__)
+def test_param_group_with_lrscheduler_goes_right_direction(cls):
+    for schedulers in SGD_SCHEDULERS if cls is lt.SGD else DEFAULT_SCHEDULERS:
+        results = []
+        for impl in (cls, TORCH_EQUIVALENT[cls]):
+            weight, bias, inp = weight_bias_input(seed=3)
+            opt = impl([{"params": [weight]}, {"params": [bias], "lr": 0.01}])
+            scheds = [make(opt) for make in schedulers]
+
+            def closure(opt=opt, weight=weight, bias=bias, inp=inp):
+                opt.zero_grad()
+                loss = quadratic_loss(weight, bias, inp)
+                loss.backward()
+                return loss
+
+            initial = closure().item()
+            for _ in range(20):
+                loss = opt.step(closure)
+                _step_schedulers(scheds, loss)
+            assert closure().item() < initial
+            results.append((weight.detach().clone(), bias.detach().clone()))
+        (w, b), (rw, rb) = results
+        torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, rb, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- test_tensor_lr
+@pytest.mark.parametrize("cls, kwargs", COMPARABLE)
+def test_tensor_lr_matches_float_lr(cls, kwargs):
+    kwargs = {k: v for k, v in fresh(kwargs).items() if k != "lr"}
+    weight, bias, inp = weight_bias_input(seed=5)
+    weight_c, bias_c = clone_param(weight), clone_param(bias)
+    weight_t, bias_t = clone_param(weight), clone_param(bias)
+    opt_float = cls([weight, bias], lr=1e-3, **fresh(kwargs))
+    opt_tensor = cls([weight_c, bias_c], lr=torch.tensor(1e-3), **fresh(kwargs))
+    ref = TORCH_EQUIVALENT[cls]([weight_t, bias_t], lr=torch.tensor(1e-3), **torch_kwargs(kwargs))
+    for _ in range(5):
+        for opt, w, b in ((opt_float, weight, bias), (opt_tensor, weight_c, bias_c), (ref, weight_t, bias_t)):
+            opt.zero_grad()
+            quadratic_loss(w, b, inp).backward()
+            opt.step()
+        # torch's own assertion: the tensor lr run equals the float lr run
+        torch.testing.assert_close(weight_c.detach(), weight.detach())
+        torch.testing.assert_close(bias_c.detach(), bias.detach())
+        torch.testing.assert_close(weight_c.detach(), weight_t.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bias_c.detach(), bias_t.detach(), rtol=1e-5, atol=1e-6)
+    assert isinstance(opt_tensor.param_groups[0]["lr"], torch.Tensor)
+
+
+# --------------------------------------------------------------- test_rosenbrock_sparse (dense half)
+@pytest.mark.parametrize("with_lrsched", [False, True], ids=["no_sched", "lrsched"])
+@pytest.mark.parametrize("flags", [{}, {"foreach": True}], ids=["default", "foreach"])
+def test_sgd_rosenbrock_dense_matches_torch_sparse(with_lrsched, flags):
+    """SGD's metadata_for_sparse (lr=4.8e-3, no momentum): leantrain on dense gradients follows
+    torch.optim.SGD fed the same gradients as uncoalesced sparse tensors, step for step."""
+    schedulers = [lambda o: StepLR(o, gamma=0.99999, step_size=300)] if with_lrsched else []
+    start = torch.tensor([1.5, 1.5])
+    ours, ref = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt = lt.SGD([ours], lr=4.8e-3, **flags)
+    ref_opt = torch.optim.SGD([ref], lr=4.8e-3, foreach=False)
+    scheds = [make(opt) for make in schedulers]
+    ref_scheds = [make(ref_opt) for make in schedulers]
+
+    def closure(param, optimizer, sparse, w):
+        optimizer.zero_grad()
+        loss = rosenbrock(param)
+        loss.backward()
+        full = rosenbrock_grad(param.detach())
+        # only the x (w=1) or y (w=0) coordinate, as two duplicate entries that sum to it
+        index, value = (0, full[0]) if w else (1, full[1])
+        if sparse:
+            parts = torch.stack((value / 4.0, value - value / 4.0)) if w else torch.stack((value - value / 4.0, value / 4.0))
+            param.grad = torch.sparse_coo_tensor(torch.tensor([[index, index]]), parts, (2,))
+        else:
+            dense = torch.zeros(2, dtype=param.dtype)
+            dense[index] = value
+            param.grad = dense
+        return loss
+
+    initial_dist = start.dist(torch.tensor([1.0, 1.0]))
+    for i in range(1800):
+        w = i % 2
+        opt.step(lambda: closure(ours, opt, False, w))
+        ref_opt.step(lambda: closure(ref, ref_opt, True, w))
+        for s, r in zip(scheds, ref_scheds):
+            s.step()
+            r.step()
+        if i % 60 == 0 or i == 1799:
+            torch.testing.assert_close(ours.detach(), ref.detach(), rtol=5e-6, atol=5e-6)
+    assert ours.detach().dist(torch.tensor([1.0, 1.0])) <= initial_dist
+
+
+# ------------------------------------------- test_foreach_matches_forloop / _compare_between
+OLD_MULTI_TENSOR_FLAGS = [
+    pytest.param(lt.SGD, dict(lr=0.2, momentum=1, dampening=0, weight_decay=1, nesterov=True), id="SGD-nesterov-m1-wd1"),
+    pytest.param(lt.SGD, dict(lr=0.2, momentum=1, dampening=0.5, weight_decay=1, nesterov=False), id="SGD-m1-damp-wd1"),
+    pytest.param(lt.AdamW, dict(weight_decay=1.0, amsgrad=True), id="AdamW-wd1-amsgrad"),
+    pytest.param(lt.AdamW, dict(weight_decay=1.0, amsgrad=False), id="AdamW-wd1"),
+    pytest.param(lt.AdamW, dict(weight_decay=0.0, amsgrad=True), id="AdamW-wd0-amsgrad"),
+    pytest.param(lt.AdamW, dict(weight_decay=0.0, amsgrad=False), id="AdamW-wd0"),
+]
+
+
+def _model_run(cls, kwargs, dtype):
+    """7 iterations on the tiny MLP plus a scalar parameter; iteration 2 has no gradients at all,
+    iterations 3-4 freeze the second Linear (its grads stay None). Returns per-iteration snapshots."""
+    model = tiny_mlp(dtype)
+    extra = torch.full((), 0.5, dtype=dtype, requires_grad=True)
+    extra.grad = torch.rand_like(extra)
+    params = list(model.parameters()) + [extra]
+    opt = cls(params, **kwargs)
+    inp = mlp_input(dtype)
+    snapshots = []
+    for i in range(7):
+        opt.zero_grad()
+        if i == 3:
+            model[2].requires_grad_(False)
+        if i == 5:
+            model[2].requires_grad_(True)
+        if i != 2:
+            model(inp).sum().backward()
+        opt.step()
+        snapshots.append([(p.detach().clone(), {k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                                                 for k, v in opt.state[p].items()}) for p in params])
+    return snapshots
+
+
+@pytest.mark.parametrize("cls, kwargs", COMPARABLE + OLD_MULTI_TENSOR_FLAGS)
+def test_model_trajectory_and_state_match_torch_float64(cls, kwargs):
+    ours = _model_run(cls, fresh(kwargs), torch.float64)
+    ref = _model_run(TORCH_EQUIVALENT[cls], torch_kwargs(kwargs), torch.float64)
+    moved = False
+    for it, (mine, theirs) in enumerate(zip(ours, ref)):
+        for n, ((p, state), (q, ref_state)) in enumerate(zip(mine, theirs)):
+            torch.testing.assert_close(p, q, **FP64, msg=lambda m: f"iteration {it}, param {n}: {m}")
+            for key, value in ref_state.items():
+                if key == "step":  # torch keeps a tensor, leantrain an int: same count
+                    assert state["step"] == int(value), f"iteration {it}, param {n}: step"
+                    continue
+                torch.testing.assert_close(state[key], value, **FP64,
+                                           msg=lambda m: f"iteration {it}, param {n}, {key}: {m}")
+        if it > 0:
+            moved |= any(not torch.equal(p, q) for (p, _), (q, _) in zip(mine, ours[it - 1]))
+    assert moved
+    # iteration 2 had no gradients: nothing moved
+    for (p, _), (q, _) in zip(ours[2], ours[1]):
+        assert torch.equal(p, q)
+
+
+# ------------------------------------------------------------- test_param_groups_weight_decay
+@pytest.mark.parametrize("cls, kwargs", COMPARABLE)
+def test_param_groups_weight_decay(cls, kwargs):
+    finals = []
+    for impl, kw in ((cls, fresh(kwargs)), (TORCH_EQUIVALENT[cls], torch_kwargs(kwargs))):
+        weight, bias, inp = weight_bias_input(seed=7)
+        bias_kw = fresh(kw)
+        bias_kw["weight_decay"] = 0.0
+        opt = impl([dict(params=[weight], **kw), dict(params=[bias], **bias_kw)])
+        initial = quadratic_loss(weight, bias, inp).item()
+        for _ in range(20):
+            opt.zero_grad()
+            loss = quadratic_loss(weight, bias, inp)
+            loss.backward()
+            opt.step()
+        if kwargs.get("maximize", False):
+            assert loss.item() > initial
+        else:
+            assert loss.item() < initial
+        finals.append((weight.detach().clone(), bias.detach().clone()))
+    (w, b), (rw, rb) = finals
+    torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b, rb, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ test_param_groups_lr
+@pytest.mark.parametrize("cls, kwargs", COMPARABLE)
+def test_param_groups_lr(cls, kwargs):
+    kwargs = fresh(kwargs)
+    if "lr" not in kwargs or kwargs["lr"] == 0:
+        kwargs["lr"] = 1e-3
+    finals = []
+    for impl, kw in ((cls, kwargs), (TORCH_EQUIVALENT[cls], torch_kwargs(kwargs))):
+        torch.manual_seed(11)
+        weight, bias, inp = weight_bias_input(seed=9)
+        irrelevant = torch.nn.Parameter(torch.randn(2))
+        irrelevant_before = irrelevant.detach().clone()
+        opt = impl([dict(params=[weight, bias], **fresh(kw)), dict(params=[irrelevant])], lr=1e-28)
+        initial = quadratic_loss(weight, bias, inp).item()
+        for _ in range(20):
+            opt.zero_grad()
+            loss = quadratic_loss(weight, bias, inp)
+            loss.backward()
+            irrelevant.grad = torch.rand_like(irrelevant)
+            opt.step()
+        if kwargs.get("maximize", False):
+            assert loss.item() > initial
+        else:
+            assert loss.item() < initial
+        assert torch.equal(irrelevant.detach(), irrelevant_before)  # lr 1e-28: no visible change
+        finals.append((weight.detach().clone(), bias.detach().clone()))
+    (w, b), (rw, rb) = finals
+    torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b, rb, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------- test_step_is_noop_when_params_have_no_grad
+@pytest.mark.parametrize("cls, kwargs", case_params([lt.SGD, lt.AdamW, lt.AdaFactor, lt.AdaX]))
+def test_step_is_noop_when_params_have_no_grad(cls, kwargs):
+    params = [torch.randn(2, 3, requires_grad=False) for _ in range(2)]
+    before = [p.clone() for p in params]
+    opt = cls(params, **fresh(kwargs))
+    out = opt.step(lambda: torch.tensor([1.0]))
+    assert torch.equal(out, torch.tensor([1.0]))  # the closure's value is returned
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    assert all(len(opt.state[p]) == 0 for p in params)
+
+
+# ----------------------------------------------------------------- test_step_is_noop_for_zero_grads
+@pytest.mark.parametrize("cls, kwargs", case_params([lt.SGD, lt.AdamW, lt.AdaFactor, lt.AdaX]))
+def test_step_is_noop_for_zero_grads(cls, kwargs):
+    kwargs = fresh(kwargs)
+    if kwargs.get("weight_decay", 0) != 0:
+        pytest.skip("weight decay moves parameters without gradients (torch skips these inputs too)")
+    if cls is lt.AdamW:  # AdamW's default decoupled decay still moves θ: make it invisible, as torch does
+        kwargs["lr"] = torch.tensor(1e-5) if isinstance(kwargs.get("lr"), torch.Tensor) else 1e-5
+    torch.manual_seed(13)
+    param = torch.randn(5, 1, requires_grad=True)
+    before = param.detach().clone()
+    opt = cls([param], **kwargs)
+    param.grad = torch.zeros_like(param)
+    opt.step(lambda: torch.tensor([1.0]))
+    torch.testing.assert_close(param.detach(), before)
+    assert torch.isfinite(param).all()
+
