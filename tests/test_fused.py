@@ -1,4 +1,4 @@
-"""Fused accumulation in backward (DESIGN.md 3) against the unfused optimizer."""
+"""Fused accumulation in backward (docs/design.md §3) against the unfused optimizer."""
 
 from __future__ import annotations
 

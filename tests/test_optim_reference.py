@@ -1,4 +1,4 @@
-"""Each optimizer against its reference: torch, transformers, DESIGN.md 2.1/2.2."""
+"""Each optimizer against its reference: torch, transformers, docs/design.md §2.1/§2.2."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_adamw_fused_kernel_and_foreach_paths_agree():
 
 
 def _adamw_design_reference(params, stream, *, k, lr, beta1, beta2, eps, wd, mode):
-    """DESIGN.md 2.1 (exact) / 2.2 (ema), written out per tensor."""
+    """docs/design.md §2.1 (exact) / §2.2 (ema), written out per tensor."""
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
     theta = [p.detach().clone() for p in params]
@@ -164,7 +164,7 @@ def test_adafactor_buffered_accumulation_equals_transformers_on_mean_gradient(co
 
 
 def _adafactorw_design_reference(params, stream, *, k, beta1, d, eps1, eps2):
-    """AdaFactorW from DESIGN.md 2.1 with relative step and parameter scale, per tensor."""
+    """AdaFactorW from docs/design.md §2.1 with relative step and parameter scale, per tensor."""
     theta = [p.detach().clone().double() for p in params]
     m = [torch.zeros_like(p) for p in theta]
     second = [None] * len(theta)

