@@ -15,6 +15,7 @@ from .lookahead import Lookahead
 from .memory import MemoryReport, memory_report, state_bytes, state_bytes_by_component
 from .schedule import PiecewiseLinearLR
 from .sgd import SGD
+from .zero import ZeroClient
 
 __all__ = [
     "SGD",
@@ -32,4 +33,5 @@ __all__ = [
     "state_bytes",
     "state_bytes_by_component",
     "export_state_dict",
+    "ZeroClient",
 ]

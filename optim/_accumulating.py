@@ -48,7 +48,7 @@ from collections import defaultdict
 import torch
 from torch.optim import Optimizer
 
-from . import _interop, _lazy_rows
+from . import _interop, _lazy_rows, _replicas
 from ._checks import check_accum_mode, check_accum_steps, check_flag, check_state_dtype
 from ._rounding import write_back
 from ._sharding import layout_of, local
@@ -105,6 +105,8 @@ class AccumulatingOptimizer(Optimizer):
             maximize=check_flag("maximize", maximize),
         )
         self._param_positions: dict[torch.Tensor, int] | None = None
+        self._replica_group = None  # set by replicated_over(): state averaged across DDP ranks
+        self.communicated_bytes = 0  # bytes this optimizer all-reduced (replicated state), for benchmarks
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------- param groups
@@ -229,7 +231,7 @@ class AccumulatingOptimizer(Optimizer):
             grads = torch._foreach_neg(grads)  # a transient copy: the caller's .grad stays as it was
 
         if not self._embeds(group):
-            if k == 1:
+            if not self._buffers_mean_grad(group):
                 for t, idx in _by_update_count(states):
                     self._update(group, _pick(params, idx), _pick(states, idx), t, _pick(grads, idx))
                 _mark_cycle(states, cycle)
@@ -247,6 +249,19 @@ class AccumulatingOptimizer(Optimizer):
         for (t, dec), idx in _by_update_count(states, decay):
             self._fold(group, _pick(views.params, idx), _pick(views.grads, idx), _pick(views.states, idx),
                        t=t, j=j, decay=dec, layouts=_pick(views.layouts, idx))
+
+    def _buffers_mean_grad(self, group: dict) -> bool:
+        """Whether this group keeps ``grad_accum``: it steps on the mean gradient, and either k > 1
+        or the state is replicated across ranks (the mean over ranks is taken at the boundary)."""
+        return not self._embeds(group) and (group["accum_steps"] > 1 or self._replica_group is not None)
+
+    def _accumulated_keys(self, group: dict) -> tuple[str, ...]:
+        """State entries that micro-steps add to (averaged across replicated ranks)."""
+        return ("grad_accum",) if self._buffers_mean_grad(group) else self._moment_keys(group)
+
+    def _moment_keys(self, group: dict) -> tuple[str, ...]:
+        """Subclass hook: the moments ``_fold`` updates."""
+        raise NotImplementedError
 
     def _state_dtype(self, group: dict, param: torch.Tensor, key: str | None = None) -> torch.dtype:
         """A state buffer's dtype: the group's explicit choice ``group[key]``, else fp32 (float64
@@ -267,8 +282,8 @@ class AccumulatingOptimizer(Optimizer):
             self._init_state(group, param, state)
             if group["lazy_rows"] and param.dim() >= 2:
                 state["rows_touched"] = torch.zeros(param.shape[0], dtype=torch.bool, device=param.device)
-            if not self._embeds(group) and group["accum_steps"] > 1:
-                state["grad_accum"] = torch.zeros_like(param, dtype=self._state_dtype(group, param, "accum_dtype"))
+        if "grad_accum" not in state and self._buffers_mean_grad(group):  # also after loading a k = 1 state
+            state["grad_accum"] = torch.zeros_like(param, dtype=self._state_dtype(group, param, "accum_dtype"))
         return state
 
     @torch.no_grad()
@@ -306,22 +321,84 @@ class AccumulatingOptimizer(Optimizer):
     @torch.no_grad()
     def _advance(self) -> None:
         """Count the micro-step; at a boundary update every parameter folded this cycle."""
-        k = self.accum_steps
-        cycle = self.micro_step // k
-        for group in self.param_groups:
-            group["micro_step"] += 1
-        self._check_schedule(cycle_starts=self.micro_step % k == 1 or k == 1)
-        if not self.updated:
-            return
-        for group in self.param_groups:
+        if self.next_step_updates:
+            self._update_cycle(self.param_groups)
+        self._count_micro_step(self.param_groups)
+
+    def _update_cycle(self, groups: list[dict]) -> None:
+        """The boundary: update every parameter of ``groups`` that had a gradient in the open cycle.
+
+        With replicated state the accumulated buffers are first averaged over
+        the ranks (and which parameters had a gradient is decided globally).
+        """
+        cycle = self.micro_step // self.accum_steps
+        if self._replica_group is not None:
+            _replicas.average_state(self, group=self._replica_group, cycle=cycle)
+        for group in groups:
             params = [p for p in group["params"] if self.state[p].get("cycle") == cycle]
             if not params:
                 continue
             states = [self.state[p] for p in params]
-            if self._embeds(group) or k > 1:
+            if self._embeds(group) or self._buffers_mean_grad(group):
                 self._boundary_update(group, params, states)
             for state in states:
                 state["step"] += 1
+
+    def _count_micro_step(self, groups: list[dict]) -> None:
+        for group in groups:
+            group["micro_step"] += 1
+        self._check_schedule(cycle_starts=self.micro_step % self.accum_steps == 1)
+
+    # ------------------------------------------------------ data parallelism
+    def replicated_over(self, group=None) -> AccumulatingOptimizer:
+        """Declare the state replicated across the ranks of ``group`` (DDP; default: all ranks).
+
+        Each rank then folds its own micro-batches (run backward under DDP's
+        ``no_sync()``: no gradient all-reduce inside the cycle), and every
+        boundary averages the accumulated buffers in bucketed all-reduces
+        (``_replicas``). Every parameter gets its state at the first update.
+        Configurations that step on the mean gradient keep ``grad_accum`` at
+        any k here (the mean over ranks needs a buffer; DDP would hold one in
+        its buckets anyway). Returns the optimizer.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(f"{type(self).__name__}.replicated_over: torch.distributed is not initialized")
+        if any(g["lazy_rows"] for g in self.param_groups):
+            raise ValueError(f"{type(self).__name__}.replicated_over: lazy_rows=True is not supported with replicated "
+                             "data parallelism (rows touched on one rank only would need per-row decays on the others)")
+        self._replica_group = group if group is not None else dist.group.WORLD
+        return self
+
+    def sync_state(self) -> None:
+        """Make mid-cycle state rank-independent (call on every rank, e.g. before a checkpoint).
+
+        Replicated state is averaged now (closed under averaging: the cycle
+        still ends exactly), and sharded partial sums are completed. A no-op
+        at a cycle boundary and on one process.
+        """
+        if self.micro_step % self.accum_steps == 0:
+            return
+        cycle = self.micro_step // self.accum_steps
+        if self._replica_group is not None:
+            _replicas.average_state(self, group=self._replica_group, cycle=cycle)
+        self._sync_partial_sums()
+
+    def _sync_partial_sums(self) -> None:
+        """Subclass hook: complete per-rank partial sums of sharded state (AdaFactor's C)."""
+
+    @torch.no_grad()
+    def _zero_fold(self, group: dict, param: torch.Tensor, state: dict, keys: tuple[str, ...], cycle: int) -> list:
+        """Copies of ``state[keys]`` as if ``param`` had folded a zero gradient in ``cycle`` (for averaging)."""
+        if "grad_accum" in keys:
+            return [torch.zeros_like(state["grad_accum"])]
+        copies = {key: state[key].clone() for key in keys if key in state}
+        views = _MathViews([param], [{**state, **copies}])
+        zero = torch.zeros_like(views.params[0])
+        self._fold(group, views.params, [zero], views.states, t=state["step"] + 1, j=0, decay=True,
+                   layouts=views.layouts)
+        return list(copies.values())
 
     def _check_schedule(self, *, cycle_starts: bool) -> None:
         """Warn once if the learning rate changes inside a cycle: a scheduler stepped per micro-batch.
@@ -332,7 +409,8 @@ class AccumulatingOptimizer(Optimizer):
         """
         if self.accum_steps == 1:
             return
-        lrs = [float(g["lr"]) if g.get("lr") is not None else None for g in self.param_groups]
+        # A tensor lr is skipped: reading it would cost a host sync per micro-step on a GPU.
+        lrs = [g["lr"] if isinstance(g.get("lr"), (int, float)) else None for g in self.param_groups]
         seen = getattr(self, "_cycle_lrs", None)
         if cycle_starts or seen is None:
             self._cycle_lrs = lrs
@@ -352,8 +430,7 @@ class AccumulatingOptimizer(Optimizer):
         epoch). The micro-step counter jumps to the boundary; gradients folded
         with weight 1/k were scaled by the loop to sum to the window's mean.
         """
-        k = self.accum_steps
-        remaining = (-self.micro_step) % k
+        remaining = (-self.micro_step) % self.accum_steps
         if remaining == 0:
             return
         for group in self.param_groups:
@@ -427,6 +504,8 @@ class AccumulatingOptimizer(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._param_positions = None
+        self.__dict__.setdefault("_replica_group", None)  # a copy is not replicated until replicated_over() again
+        self.__dict__.setdefault("communicated_bytes", 0)
 
     def state_bytes(self) -> int:
         """Exact bytes of all state tensors this rank holds (moments, factored stats, buffers)."""

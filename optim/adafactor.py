@@ -132,6 +132,9 @@ class AdaFactor(AccumulatingOptimizer):
             return "beta1=None divides the mean gradient itself"
         return "momentum_on='update' keeps momentum of the normalised update"
 
+    def _moment_keys(self, group: dict) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
+
     def _init_state(self, group, param, state) -> None:
         if group["beta1"] is not None:
             state["exp_avg"] = torch.zeros_like(param, dtype=self._state_dtype(group, param, "momentum_dtype"))

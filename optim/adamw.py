@@ -95,7 +95,11 @@ class AdamW(AccumulatingOptimizer):
         super()._validate_group(group)
 
     def _embeds(self, group: dict) -> bool:
-        return not _fused_kernel_applies(group)
+        # torch's kernel steps on this rank's own gradient: not with state replicated across ranks.
+        return not (self._replica_group is None and _fused_kernel_applies(group))
+
+    def _moment_keys(self, group: dict) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
 
     def _init_state(self, group, param, state) -> None:
         state["exp_avg"] = torch.zeros_like(param, dtype=self._state_dtype(group, param, "momentum_dtype"))

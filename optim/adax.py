@@ -69,6 +69,9 @@ class AdaX(AccumulatingOptimizer):
     def _embeds(self, group: dict) -> bool:
         return True
 
+    def _moment_keys(self, group: dict) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
     def _init_state(self, group, param, state) -> None:
         state["exp_avg"] = torch.zeros_like(param, dtype=self._state_dtype(group, param, "momentum_dtype"))
         state["exp_avg_sq"] = torch.zeros_like(param, dtype=self._state_dtype(group, param))  # holds v̂, not v

@@ -111,6 +111,9 @@ class FusedBackward:
         self._names = {p: name for name, p in named_params}
         self._group_of = {p: group_index[p] for _, p in named_params if p.requires_grad and p in group_index}
         self._position = {p: i for i, p in enumerate(self._group_of)}
+        # The params lists as they are now: an engine that replaces them (DeepSpeed ZeRO puts flat
+        # partitions there) leaves these hooks folding into tensors it never updates.
+        self._params_lists = [group["params"] for group in inner.param_groups]
         self._nonfinite_counts: torch.Tensor | None = None  # one int32 per parameter, on the device
         self._folded_at: dict[torch.Tensor, int] = {}
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._group_of]
@@ -133,6 +136,12 @@ class FusedBackward:
                 "micro-batch's gradient whole"
             )
         self._folded_at[param] = micro_step
+        group = self.optimizer.param_groups[self._group_of[param]]
+        if group["params"] is not self._params_lists[self._group_of[param]] and param not in group["params"]:
+            raise RuntimeError(
+                f"fused accumulation: parameter {self._names[param]!r} is no longer in its optimizer group (an "
+                "engine such as DeepSpeed ZeRO replaced the group's parameters with its own partitions); fused "
+                "hooks cannot fold into them: use accumulation without fusion there (docs/design.md §4)")
         values = local(grad)
         if self.grad_scale != 1.0:
             values.mul_(self.grad_scale)
@@ -140,7 +149,7 @@ class FusedBackward:
             bad = _nonfinite(values)
             self._count_nonfinite(param, bad)
             values.masked_fill_(bad, 0.0)  # folded as a zero gradient: no NaN ever enters the state
-        self.optimizer._fold_group(self.optimizer.param_groups[self._group_of[param]], [param], [grad])
+        self.optimizer._fold_group(group, [param], [grad])
 
     def _count_nonfinite(self, param: torch.Tensor, bad: torch.Tensor) -> None:
         if self._nonfinite_counts is None:

@@ -91,6 +91,9 @@ class SGD(AccumulatingOptimizer):
     def _why_not_embedded(self, group: dict) -> str:
         return "nesterov=True uses the mean gradient" if group["nesterov"] else "momentum=0"
 
+    def _moment_keys(self, group: dict) -> tuple[str, ...]:
+        return ("momentum_buffer",)
+
     def _init_state(self, group, param, state) -> None:
         if scalar(group["momentum"]) > 0:
             state["momentum_buffer"] = torch.zeros_like(param, dtype=self._state_dtype(group, param, "momentum_dtype"))

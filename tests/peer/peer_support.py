@@ -72,9 +72,18 @@ def rosenbrock(xy: torch.Tensor) -> torch.Tensor:
     return (1 - x) ** 2 + 100 * (y - x**2) ** 2
 
 
-def rosenbrock_grad(xy: torch.Tensor) -> torch.Tensor:
-    x, y = xy
-    return torch.stack((-400 * x * (y - x**2) - 2 * (1 - x), 200 * (y - x**2)))
+def coordinate_rosenbrock_step(optimizer, param: torch.Tensor, w: int) -> float:
+    """One closure of the suites' cyclic coordinate descent on Rosenbrock: the gradient of
+    only x (w=1) or only y (w=0) is given. Computed in Python floats (the suites' autograd pass
+    is overwritten by this gradient anyway), which keeps 2000-step runs fast."""
+    optimizer.zero_grad()
+    x, y = param.detach().tolist()
+    if w:
+        grad = [-400.0 * x * (y - x * x) - 2.0 * (1.0 - x), 0.0]
+    else:
+        grad = [0.0, 200.0 * (y - x * x)]
+    param.grad = torch.tensor(grad, dtype=param.dtype)
+    return (1.0 - x) ** 2 + 100.0 * (y - x * x) ** 2
 
 
 # ----------------------------------------------------------------- optimizer inputs
@@ -157,4 +166,31 @@ def torch_kwargs(kwargs: dict) -> dict:
     """leantrain kwargs for the torch reference: drop implementation flags, run torch's forloop."""
     out = {k: v for k, v in fresh(kwargs).items() if k not in ("foreach", "fused")}
     out["foreach"] = False
+    return out
+
+
+_TRANSFORMERS_ADAFACTOR_KEYS = {"lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter",
+                                "relative_step", "warmup_init"}
+
+
+def reference(cls, kwargs: dict):
+    """(optimizer class, kwargs) of the optimizer ``cls`` replaces, for these kwargs; None if there is none.
+
+    SGD/AdamW -> torch.optim (forloop); AdaFactor -> transformers' Adafactor when only its keywords
+    are used (it has no ``maximize``); AdaX has no reference implementation here.
+    """
+    if cls in TORCH_EQUIVALENT:
+        return TORCH_EQUIVALENT[cls], torch_kwargs(kwargs)
+    if cls is lt.AdaFactor and set(kwargs) <= _TRANSFORMERS_ADAFACTOR_KEYS:
+        from transformers.optimization import Adafactor
+
+        return Adafactor, fresh(kwargs)
+    return None
+
+
+def with_manual_lr(cls, kwargs: dict, lr) -> dict:
+    """``kwargs`` with a manual ``lr``; AdaFactor then needs relative_step=False (transformers' rule)."""
+    out = {**fresh(kwargs), "lr": lr}
+    if cls is lt.AdaFactor:
+        out["relative_step"] = False
     return out

@@ -299,3 +299,43 @@ def test_non_empty_state(cls, kwargs):
     for state in opt.state.values():
         assert len(state) > 0
         assert state["step"] == 1
+
+
+# ------------------------------------------------------------- test_state_dict_with_cuda_params
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cls, kwargs", [
+    pytest.param(lt.SGD, {"momentum": 0.9, "weight_decay": 0.1}, id="SGD"),
+    pytest.param(lt.AdamW, {"amsgrad": True}, id="AdamW"),
+    pytest.param(lt.AdaFactor, {"beta1": 0.9}, id="AdaFactor"),
+    pytest.param(lt.AdaX, {}, id="AdaX"),
+])
+def test_state_dict_with_cuda_params(cls, kwargs):
+    """A CPU optimizer's state loaded into the same optimizer over CUDA copies of the parameters:
+    the state dict passed in is not modified, and both continue identically."""
+    torch.manual_seed(47)
+    params = [Parameter(torch.randn(2, 3)) for _ in range(2)]
+    grads = [[torch.randn(2, 3) for _ in params] for _ in range(8)]
+    opt = cls(params, **fresh(kwargs))
+    for step in range(3):
+        for p, g in zip(params, grads[step]):
+            p.grad = g.clone()
+        opt.step()
+    with torch.no_grad():
+        params_cuda = [Parameter(p.detach().to("cuda")) for p in params]
+    opt_cuda = cls(params_cuda, **fresh(kwargs))
+    saved = deepcopy(opt.state_dict())
+    untouched = deepcopy(saved)
+    opt_cuda.load_state_dict(saved)
+    _assert_state_dicts_equal(saved, untouched)
+    for entry in opt_cuda.state.values():
+        for value in entry.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                assert value.device.type == "cuda"
+    for step in range(3, 8):
+        for p, q, g in zip(params, params_cuda, grads[step]):
+            p.grad = g.clone()
+            q.grad = g.to("cuda")
+        opt.step()
+        opt_cuda.step()
+        for p, q in zip(params, params_cuda):
+            torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-5, atol=1e-6)
