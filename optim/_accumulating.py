@@ -43,7 +43,7 @@ boundary, exactly as torch's optimizers skip ``grad is None``.
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import torch
 from torch.optim import Optimizer
@@ -491,15 +491,27 @@ class AccumulatingOptimizer(Optimizer):
         replaces (torch.optim.AdamW/SGD, transformers' Adafactor) is mapped
         (``_interop``); one that cannot be mapped raises one ValueError line.
         """
+        # torch runs pre-hooks on the dict it is given and post-hooks at its end: run them here
+        # instead, around the state as it is really loaded.
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        state_dict = state_dict.copy()
+        for hook in pre_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
         state_dict = _interop.to_native(self, state_dict)
         saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            super().load_state_dict({**state_dict, "state": {}})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre_hooks, post_hooks
         by_index = dict(zip((i for g in state_dict["param_groups"] for i in g["params"]),
                             (p for g in self.param_groups for p in g["params"])))
         for index, entry in saved_state.items():
             param = by_index[index]
             self.state[param] = {key: _to_device(value, param) for key, value in entry.items()}
         self._param_positions = None
+        for hook in post_hooks.values():
+            hook(self)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

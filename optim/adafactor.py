@@ -51,7 +51,7 @@ import torch
 
 from ._accumulating import AccumulatingOptimizer
 from ._checks import check_lr, check_number, check_state_dtype, scalar
-from ._sharding import GlobalSums, Layout, factored_stat_like
+from ._sharding import GlobalSums, Layout, factored_stat_like, layout_of, local
 from ._tensor_lists import ema_split
 
 MOMENTUM_ON = ("update", "grad")
@@ -152,6 +152,18 @@ class AdaFactor(AccumulatingOptimizer):
         if group["beta1"] is not None:
             factors["exp_avg"] = group["beta1"]
         return factors
+
+    def _sync_partial_sums(self) -> None:
+        """Mid-cycle: average C of row-sharded tensors now, so every rank holds the global C (a
+        checkpoint then saves one consistent copy); the boundary's own averaging keeps the result."""
+        sums = GlobalSums()
+        for group in self.param_groups:
+            for p in group["params"]:
+                state, layout = self.state.get(p, {}), layout_of(p)
+                if "exp_avg_sq_col" in state and _rows_split(layout, local(p)):
+                    col = local(state["exp_avg_sq_col"])
+                    sums.add(col.div_(layout.world), layout)
+        sums.finish()
 
     @staticmethod
     def _get_lr(param_group: dict, param_state: dict) -> float:
@@ -407,9 +419,9 @@ def _precondition_and_step(group, params, directions, states, layouts, *, t, dir
             m.mul_(beta1)
             update.add_to(m, step * (1.0 - beta1))
             if weight_decay:
-                p.mul_(1.0 - weight_decay * lr_t)
+                p.addcmul_(p, lr_t, value=-weight_decay)  # θ − λ·lr_t·θ, rounded as transformers does
             p.sub_(m)
             continue
         if weight_decay:
-            p.mul_(1.0 - weight_decay * lr_t)
+            p.addcmul_(p, lr_t, value=-weight_decay)
         update.add_to(p, -step)

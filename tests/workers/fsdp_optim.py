@@ -66,13 +66,15 @@ def batches(n, world):
 
 def train(model, opt, data, rank, *, sharded, fused):
     handle = optim.fuse_into_backward(model, opt) if fused else None
-    for step in data:
+    for s, step in enumerate(data):
         if sharded:
             model(step[rank]).backward()  # FSDP2 averages the reduce-scattered gradients over ranks
         else:
             model(torch.cat(step)).backward()  # the global batch (equal rank batches: the same mean)
         opt.step()
         opt.zero_grad()
+        if s == 5:
+            opt.sync_state()  # mid-cycle, as before a checkpoint: must not change the result
     if handle:
         handle.remove()
 
