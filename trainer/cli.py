@@ -7,7 +7,9 @@ allowed, and exit code 2 — never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 
 from .errors import RecipeError
 
@@ -21,7 +23,19 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("recipe", nargs="?", default=None, help="recipe YAML, or a shipped recipe name (quickstart)")
         cmd.add_argument("overrides", nargs="*", help="section.key=value, e.g. optimizer.lr=3e-4 accumulation.steps=16")
+        if name == "estimate":
+            from .estimate import ENGINES
+
+            cmd.add_argument("--engine", default="ddp", choices=ENGINES, help="how the state is laid out (default ddp)")
+            cmd.add_argument("--ranks", type=_positive, default=1, help="number of processes (default 1)")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
 
 
 def _split_recipe_and_overrides(args) -> tuple[str | None, list[str]]:
@@ -51,7 +65,8 @@ def run(argv: list[str]) -> int:
         from .optimizers import check_combinations
 
         check_combinations(recipe, source)
-        print(format_table(estimate_recipe(recipe, source)))
+        estimates = estimate_recipe(recipe, source, engine=args.engine, ranks=args.ranks)
+        print(format_table(estimates, engine=args.engine, ranks=args.ranks))
         return 0
     from .loop import train
 
@@ -63,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except RecipeError as err:
+        # Under a launcher every rank meets the same recipe error: rank 0 says it at once, the others
+        # wait a moment (torchrun ends them when rank 0 exits), so the line appears once; an error met
+        # by one rank alone is still printed. The launcher reports the ranks' exit code 2 and returns
+        # its own failure code (1 for torchrun).
+        if int(os.environ.get("RANK", "0") or 0) > 0:
+            time.sleep(3)
         print(f"leantrain: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ so in ``exact``/``ema`` modes the weight is ``k·n_i/N``; in ``standard`` mode
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 from contextlib import nullcontext
@@ -18,6 +19,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -25,6 +27,7 @@ from leantrain import optim
 
 from . import checkpoint
 from .data import Collator, MicroBatches, Position, eval_batches, load_raw, loss_items, tokenize
+from .engines import build_engine
 from .errors import RecipeError
 from .estimate import estimate_recipe, format_table
 from .model import build_model, loading_errors
@@ -76,15 +79,12 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.recipe, self.source = recipe, source
-        # cpu=True on machines without an accelerator: only then does accelerate form a
-        # gloo group from a torchrun/SLURM environment instead of N independent runs.
+        self.engine = build_engine(recipe, source)
         self.accelerator = Accelerator(mixed_precision="bf16" if recipe.precision == "bf16" else "no",
                                        log_with="wandb" if recipe.tracking.wandb else None,
-                                       project_dir=recipe.output_dir, cpu=not torch.accelerator.is_available())
+                                       project_dir=recipe.output_dir, **self.engine.accelerator_kwargs())
         acc = self.accelerator
-        if recipe.accumulation.fused and acc.num_processes > 1:
-            raise RecipeError(source, "accumulation.fused", "fused accumulation across processes needs the moment "
-                              "all-reduce of DESIGN.md 4 (not built yet); use fused: false with several processes")
+        self.engine.attach(acc)
         set_seed(recipe.seed)
         cfg = recipe.data
         with loading_errors(source, "data.dataset" if cfg.dataset else "data.files", "the dataset"):
@@ -106,12 +106,15 @@ class Trainer:
 
         with loading_errors(source, "model.name_or_path", "the model"):
             model = build_model(recipe, tokenizer=self.tokenizer, num_labels=num_labels)
-        self.optimizer = build_optimizer(recipe, source, model)  # the leantrain/torch object (has .updated)
+        # ds_numel: a ZeRO-3 model built under deepspeed.zero.Init holds empty placeholders.
+        self.parameter_count = sum(getattr(p, "ds_numel", p.numel()) for p in dict.fromkeys(model.parameters()))
+        self.parameter_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.model, self.stepper = self.engine.prepare(model, lambda m: build_optimizer(recipe, source, m))
+        self.optimizer = self.engine.optimizer  # the leantrain/torch object (has .updated)
         self.scheduler = build_scheduler(recipe, self.optimizer, self.total_updates)
-        self.model, self.prepared_optimizer = acc.prepare(model, self.optimizer)
         if self.scheduler is not None:
             acc.register_for_checkpointing(self.scheduler)
-        self.fused = optim.fuse_into_backward(acc.unwrap_model(self.model), self.optimizer) \
+        self.fused = optim.fuse_into_backward(self.engine.unwrap(self.model), self.optimizer) \
             if recipe.accumulation.fused else None
         self.ema = self.optimizer if isinstance(self.optimizer, optim.EMA) else None
 
@@ -122,22 +125,67 @@ class Trainer:
         tokens = f"{effective * r.data.max_length:,} tokens per update" if r.data.packing else "tokens per update vary (padding)"
         acc.print(f"leantrain: {self.source}: {self.total_updates} updates, effective batch {effective} "
                   f"= {r.data.micro_batch_size} micro-batch × k={self.k} × {acc.num_processes} rank(s); {tokens}")
+        info = self._run_info()
+        acc.print(f"leantrain: engine {info['engine']}, {info['world_size']} rank(s); {info['parameters']:,} parameters "
+                  f"({info['parameter_dtype']}, {info['parameters_per_rank']:,} on this rank); optimizer state "
+                  f"{info['optimizer_state_bytes_per_rank'] / 2**20:.1f} MiB per rank"
+                  + "".join(f"; {k}={v}" for k, v in info.get("deepspeed", {}).items()))
+        if acc.is_main_process:
+            Path(r.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(r.output_dir) / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
         try:
-            acc.print(format_table(estimate_recipe(r, self.source)))
+            engine, ranks = info["engine"], acc.num_processes
+            estimates = estimate_recipe(r, self.source, engine=engine, ranks=ranks, vocab_size=len(self.tokenizer))
+            acc.print(format_table(estimates, engine=engine, ranks=ranks))
         except Exception as err:  # noqa: BLE001 - the estimate is informative, never fatal
             acc.print(f"(memory estimate unavailable: {err})")
+
+    def _run_info(self) -> dict:
+        """The facts a run is compared by, written to output_dir/run_info.json at start."""
+        r = self.recipe
+        info = self.engine.info()
+        return {**info, "parameters": self.parameter_count,
+                "parameter_dtype": self.parameter_dtype, "precision": r.precision,
+                "optimizer": type(optim.fused.innermost_optimizer(self.optimizer)).__name__,
+                "accumulation": {"mode": r.accumulation.mode, "steps": self.k, "fused": r.accumulation.fused}}
 
     def _resume(self) -> tuple[int, int, Cycle, str | None]:
         path = checkpoint.find(self.recipe.checkpointing.resume, self.recipe.output_dir)
         if path is None:
             return 0, 0, Cycle(), None
-        state = checkpoint.load(self.accelerator, path)
+        state = checkpoint.load(self.accelerator, self.engine, path)
         self.accelerator.print(f"leantrain: resumed from {path} (update {state['update']}, micro-step {state['micro_step']})")
         cycle = Cycle(**{**state["cycle"], "start": Position(**state["cycle"]["start"])})
+        if not self.accelerator.is_main_process:
+            cycle.loss_sum, cycle.tokens = 0.0, 0  # the checkpoint holds every rank's sums on the main process
+        saved_world = state.get("world_size", self.accelerator.num_processes)
+        if saved_world != self.accelerator.num_processes:
+            cycle = self._rescale_position(cycle, saved_world, state.get("micro_batch_size", self.recipe.data.micro_batch_size), path)
         return state["update"], state["micro_step"], cycle, state.get("run_id")
+
+    def _rescale_position(self, cycle: Cycle, saved_world: int, saved_micro: int, path) -> Cycle:
+        """A checkpoint from another number of ranks: the same examples consumed, counted for this run."""
+        if cycle.taken:
+            raise RecipeError(self.source, "checkpointing.resume", f"{path} was written mid-cycle by {saved_world} "
+                              f"rank(s); resume on {self.accelerator.num_processes} only from a checkpoint at an update "
+                              "boundary (checkpointing.every_updates)")
+        consumed = cycle.start.batch * saved_micro * saved_world
+        per_batch = self.recipe.data.micro_batch_size * self.accelerator.num_processes
+        if consumed % per_batch:
+            raise RecipeError(self.source, "data.micro_batch_size", f"{path} stopped after {consumed} examples of "
+                              f"epoch {cycle.start.epoch}, not a multiple of micro_batch_size × ranks = {per_batch}; "
+                              "keep micro_batch_size × ranks × k equal to the run that wrote it")
+        return Cycle(start=Position(cycle.start.epoch, consumed // per_batch))
 
     # ------------------------------------------------------------------- loop
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.accelerator.wait_for_everyone()
+            self.accelerator.state.destroy_process_group()  # a clean exit on every rank, no abort at teardown
+
+    def _run(self) -> dict:
         r, acc = self.recipe, self.accelerator
         self._log_startup()
         update, micro_step, cycle, run_id = self._resume()
@@ -195,21 +243,21 @@ class Trainer:
         r, acc = self.recipe, self.accelerator
         batch = {key: value.to(acc.device) for key, value in batch.items()}
         items = loss_items(batch, r.model.task)
-        with acc.autocast():
-            loss = self.model(**batch).loss
-        if not self._finite_on_all_ranks(loss):
-            acc.print(f"leantrain: skipped a micro-batch with a non-finite loss (this rank: {loss.item()})")
-            return items
-        # DDP averages gradients over ranks (× world undoes it); leantrain's optimizers apply 1/k (× k).
-        share = items / cycle.total_items * acc.num_processes
-        scale = share if r.accumulation.mode == "standard" else share * self.k
         last_of_cycle = cycle.processed + 1 == cycle.taken
-        sync = acc.no_sync(self.model) if (r.accumulation.mode == "standard" and not last_of_cycle) else nullcontext()
-        with sync:
-            acc.backward(loss * scale)
+        # The engine's gradient-sync policy must cover the forward too (DDP arms its reducer there).
+        with self.engine.micro_step(self.model, last_of_cycle=last_of_cycle):
+            with acc.autocast():
+                loss = self.model(**batch).loss
+            if not self._finite_on_all_ranks(loss):
+                acc.print(f"leantrain: skipped a micro-batch with a non-finite loss (this rank: {loss.item()})")
+                return items
+            # Ranks' gradients are averaged (× world undoes it); leantrain's optimizers apply 1/k (× k).
+            share = items / cycle.total_items * acc.num_processes
+            scale = share if r.accumulation.mode == "standard" else share * self.k
+            self.engine.backward(loss * scale, last_of_cycle=last_of_cycle)
         if r.accumulation.mode != "standard":
-            self.prepared_optimizer.step()  # folds this micro-batch; moves parameters at the boundary
-            self.prepared_optimizer.zero_grad(set_to_none=True)
+            self.stepper.step()  # folds this micro-batch; moves parameters at the boundary
+            self.stepper.zero_grad(set_to_none=True)
         cycle.loss_sum += loss.item() * items
         cycle.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         return None
@@ -226,16 +274,17 @@ class Trainer:
         r, acc = self.recipe, self.accelerator
         if r.accumulation.mode == "standard":
             if r.optimizer.max_grad_norm is not None:
-                acc.clip_grad_norm_(self.model.parameters(), r.optimizer.max_grad_norm)
-            self.prepared_optimizer.step()
-            self.prepared_optimizer.zero_grad(set_to_none=True)
+                self.engine.clip_grad_norm_(self.model, r.optimizer.max_grad_norm)
+            self.stepper.step()
+            self.stepper.zero_grad(set_to_none=True)
         if not getattr(self.optimizer, "updated", True):
             raise RuntimeError(f"internal: the optimizer did not update at the boundary of update {update}")
         if self.scheduler is not None:
             self.scheduler.step()
-        loss_sum = acc.reduce(torch.tensor(cycle.loss_sum, device=acc.device), "sum")
-        values = {"update": update, "loss": loss_sum.item() / cycle.total_items, "lr": self.optimizer.param_groups[0]["lr"],
-                  "micro_step": micro_step, "tokens": cycle.tokens, "tokens_per_s": self._throughput(cycle),
+        sums = acc.reduce(torch.tensor([cycle.loss_sum, float(cycle.tokens)], dtype=torch.float64, device=acc.device),
+                          "sum").tolist()  # every rank's loss terms and tokens
+        values = {"update": update, "loss": sums[0] / cycle.total_items, "lr": self.optimizer.param_groups[0]["lr"],
+                  "micro_step": micro_step, "tokens": int(sums[1]), "tokens_per_s": self._throughput(int(sums[1])),
                   "peak_memory_mib": _peak_memory_mib(acc.device)}
         if self.fused is not None:
             counts = self.fused.nonfinite_grads  # all ranks: one all-reduce of the counts, one host sync
@@ -247,11 +296,11 @@ class Trainer:
             metrics.log(values)
         return values
 
-    def _throughput(self, cycle: Cycle) -> float:
+    def _throughput(self, tokens: int) -> float:
         """Input tokens per second over the cycle just closed, all ranks."""
         now = time.perf_counter()
         elapsed, self._cycle_clock = now - self._cycle_clock, now
-        return cycle.tokens * self.accelerator.num_processes / elapsed if elapsed > 0 else float("nan")
+        return tokens / elapsed if elapsed > 0 else float("nan")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -283,8 +332,13 @@ class Trainer:
         return result
 
     def _checkpoint(self, update: int, micro_step: int, cycle: Cycle, run_id: str) -> None:
-        state = {"update": update, "micro_step": micro_step, "run_id": run_id, "cycle": asdict(cycle)}
-        checkpoint.save(self.accelerator, self.recipe.output_dir, state, self.recipe.checkpointing.keep_last)
+        acc = self.accelerator
+        sums = acc.reduce(torch.tensor([cycle.loss_sum, float(cycle.tokens)], dtype=torch.float64, device=acc.device), "sum")
+        saved_cycle = {**asdict(cycle), "loss_sum": float(sums[0]), "tokens": int(sums[1])}  # every rank's, on the main
+        state = {"update": update, "micro_step": micro_step, "run_id": run_id, "cycle": saved_cycle,
+                 "world_size": acc.num_processes, "micro_batch_size": self.recipe.data.micro_batch_size,
+                 "engine": self.engine.name}
+        checkpoint.save(acc, self.engine, self.recipe.output_dir, state, self.recipe.checkpointing.keep_last)
 
     def _finish(self, update: int, micro_step: int, cycle: Cycle, metrics: Metrics, last: dict) -> dict:
         r, acc = self.recipe, self.accelerator
@@ -294,10 +348,11 @@ class Trainer:
         if r.checkpointing.every_updates:
             self._checkpoint(update, micro_step, cycle, metrics.run_id)
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            with self.ema.averaged_weights() if self.ema else nullcontext():
-                path = checkpoint.save_final(acc.unwrap_model(self.model), self.tokenizer, r.output_dir)
-            acc.print(f"leantrain: done, {update} updates; final model in {path}")
+        with self.ema.averaged_weights() if self.ema else nullcontext():
+            state_dict = self.engine.full_state_dict(self.model)  # collective under FSDP2 / ZeRO-3; None: the model's
+            if acc.is_main_process:
+                path = checkpoint.save_final(self.engine.unwrap(self.model), self.tokenizer, r.output_dir, state_dict)
+                acc.print(f"leantrain: done, {update} updates; final model in {path}")
         if self.fused is not None:
             counts = self.fused.nonfinite_grads
             if counts:

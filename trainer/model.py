@@ -95,8 +95,15 @@ def build_model(recipe: Recipe, *, tokenizer=None, num_labels: int | None = None
     return model
 
 
-def build_meta_model(recipe: Recipe, *, num_labels: int | None = None):
-    """The recipe's model on the meta device: shapes and dtypes, no memory, no weights."""
+def build_meta_model(recipe: Recipe, *, num_labels: int | None = None, vocab_size: int | None = None):
+    """The recipe's model on the meta device: shapes and dtypes, no memory, no weights.
+
+    ``vocab_size``: a random init takes the tokenizer's vocabulary (trained or loaded); without
+    a tokenizer at hand, ``tokenizer.train_vocab_size`` stands in for it.
+    """
     config = build_config(recipe.model, num_labels=num_labels or recipe.model.num_labels or 2)
+    vocab_size = vocab_size or recipe.tokenizer.train_vocab_size
+    if recipe.model.from_config is not None and vocab_size:
+        config.vocab_size = vocab_size
     with torch.device("meta"):
         return _auto_class(recipe.model.task).from_config(config, dtype=getattr(torch, recipe.model.dtype))

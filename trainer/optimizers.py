@@ -64,7 +64,8 @@ def param_groups(recipe: Recipe, model: torch.nn.Module) -> list[dict]:
         rule = next((r for pattern, r in rules if pattern.search(name)), None)
         lr = rule.lr if rule and rule.lr is not None else cfg.lr
         decay = rule.weight_decay if rule and rule.weight_decay is not None else cfg.weight_decay
-        if cfg.no_decay_1d and param.dim() < 2:
+        # ds_shape: a model built under DeepSpeed's zero.Init holds empty 1-D placeholders.
+        if cfg.no_decay_1d and len(getattr(param, "ds_shape", param.shape)) < 2:
             decay = 0.0  # also when weight_decay is unset: the optimizer's default must not reach biases
         buckets.setdefault((lr, decay), []).append(param)
     groups = []
