@@ -72,7 +72,7 @@ def ema_split(beta: float, k: int, mode: str, j: int) -> tuple[float, float]:
     """(decay once per cycle, weight of micro-step ``j``) of an EMA moment ``beta``.
 
     exact: every micro-step adds ``(1-beta)/k`` of its gradient.
-    ema:   the DESIGN's per-micro-step recursion ``x ← β'·x + (1-β')·g`` with
+    ema:   docs/design.md §2.2's per-micro-step recursion ``x ← β'·x + (1-β')·g`` with
            ``β' = beta**(1/k)``, unrolled over the cycle: micro-step ``j`` adds
            ``(1-β')·β'^(k-1-j)`` and the cycle decays by ``β'^k = beta`` once.
            At the boundary this is the recursion exactly; unrolling it lets a
