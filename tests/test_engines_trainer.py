@@ -87,6 +87,14 @@ def _losses(out: Path) -> list[float]:
     return [m["loss"] for m in metrics(out) if "eval_loss" not in m]
 
 
+def _estimated_state_bytes(recipe: Path, engine: str, ranks: int) -> int:
+    from leantrain.trainer.estimate import estimate_recipe
+    from leantrain.trainer.recipe import load_recipe
+
+    loaded, source = load_recipe(str(recipe))
+    return estimate_recipe(loaded, source, engine=engine, ranks=ranks)[0].optimizer_state
+
+
 def _assert_same_run(out: Path, reference: tuple[list[float], dict, dict], rtol: float = 1e-5) -> None:
     losses, weights, _ = reference
     assert _losses(out) == pytest.approx(losses, rel=rtol)
@@ -129,6 +137,8 @@ def test_stop_mid_cycle_and_resume_equals_the_single_process_run(workdir, tmp_pa
     assert info["parameters"] == single["parameters"]
     ratio = info["optimizer_state_bytes_per_rank"] / single["optimizer_state_bytes_per_rank"]
     assert ratio == pytest.approx(1.0 if engine == "ddp" else 0.5, abs=0.05), ratio  # sharded state: about half
+    predicted = _estimated_state_bytes(recipe, info["engine"], ranks=2)  # leantrain estimate, before training
+    assert predicted == pytest.approx(info["optimizer_state_bytes_per_rank"], rel=0.02)
     if engine == "zero2":  # DeepSpeed's checkpoints resume only on the rank count that wrote them
         first = sorted((out / "checkpoints").glob("checkpoint-u0000001-*"))[0]
         refused = _launch("zero2", recipe, f"output_dir={out}", f"checkpointing.resume={first}",

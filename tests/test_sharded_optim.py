@@ -38,3 +38,13 @@ def test_a_nan_on_one_rank_is_seen_by_every_rank(ranks):
     assert ranks[1]["local_nonfinite"] == {}
     assert [r["global_nonfinite"] for r in ranks] == [{"a.weight": 1}] * 2
     assert all(r["finite_state"] for r in ranks)
+
+
+def test_mixed_precision_policy_keeps_fp32_shards_and_state(ranks):
+    """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) with fused factored AdaFactor: the
+    sharded parameters and every state tensor stay fp32, and training follows the fp32 run to bf16
+    precision."""
+    for rank in ranks:
+        mp = rank["mixed_precision"]
+        assert mp["param_dtypes"] == ["torch.float32"] and mp["state_dtypes"] == ["torch.float32"]
+        assert mp["moved"] > 1e-4 and mp["rel_diff_vs_fp32"] < 3e-2

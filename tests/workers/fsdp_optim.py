@@ -100,6 +100,29 @@ def main():
             result["max_rel_diff"][f"{name}-{'fused' if fused else 'unfused'}"] = diff
             local = sum(p.to_local().numel() for p in sharded.parameters())
             result["state_bytes"][name] = [opt.state_bytes(), ref_opt.state_bytes(), local]
+    # mixed precision: bf16 compute, fp32 sharded parameters, fp32 reduce; factored AdaFactor, fused
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    make_opt = CONFIGS["adafactor_grad_momentum_k4"]
+    runs = {}
+    for policy in (None, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)):
+        model = make()
+        kwargs = {"mp_policy": policy} if policy else {}
+        for module in (model.a, model.b):
+            fully_shard(module, **kwargs)
+        fully_shard(model, **kwargs)
+        opt = make_opt(list(model.parameters()))
+        train(model, opt, data, rank, sharded=True, fused=True)
+        runs["bf16" if policy else "fp32"] = (model, opt)
+    model, opt = runs["bf16"]
+    result["mixed_precision"] = {
+        "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "state_dtypes": sorted({str(v.dtype) for s in opt.state.values() for v in s.values()
+                                if isinstance(v, torch.Tensor) and v.is_floating_point()}),
+        "rel_diff_vs_fp32": max(((p.full_tensor() - q.full_tensor()).abs().max() / q.full_tensor().abs().max()).item()
+                                for p, q in zip(model.parameters(), runs["fp32"][0].parameters())),
+        "moved": min((p.full_tensor() - q).abs().max().item() for p, q in zip(model.parameters(), make().parameters())),
+    }
     # a NaN produced on rank 1 lands in rank 0's shard (row 0): every rank must see it
     model = make()
     for module in (model.a, model.b):
