@@ -1,7 +1,10 @@
 """The ``leantrain`` console script: train, validate, estimate.
 
-Bad input ends with one line on stderr naming the file, the key and what is
-allowed, and exit code 2 — never a traceback.
+Exit codes (README): 0 done; 2 bad input (recipe, data, checkpoint,
+environment: one line on stderr naming the file, the key and what is
+allowed, never a traceback); 3 diverged (one line with the update and the
+last good checkpoint); 143 preempted by SIGTERM/SIGUSR1 after writing a
+checkpoint (requeue and run the same command); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 import sys
 import time
 
-from .errors import RecipeError
+from .errors import EXIT_PREEMPTED, Diverged, RecipeError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,36 +59,47 @@ def run(argv: list[str]) -> int:
     recipe, source = load_recipe(name, overrides)
     if command == "validate":
         from .optimizers import check_combinations
+        from .validation import validate_recipe
 
         check_combinations(recipe, source)
+        for note in validate_recipe(recipe, source):
+            print(f"leantrain: {note}")
         print(f"{source}: valid")
         return 0
     if command == "estimate":
         from .estimate import estimate_recipe, format_table
         from .optimizers import check_combinations
 
+        from .model import loading_errors
+        from .validation import require_config
+
         check_combinations(recipe, source)
-        estimates = estimate_recipe(recipe, source, engine=args.engine, ranks=args.ranks)
+        require_config(recipe, source)
+        with loading_errors(source, "model.name_or_path", "the model config"):
+            estimates = estimate_recipe(recipe, source, engine=args.engine, ranks=args.ranks)
         print(format_table(estimates, engine=args.engine, ranks=args.ranks))
         return 0
     from .loop import train
 
     result = train(recipe, source)
-    return 0 if result else 1
+    if result.get("signal"):
+        return EXIT_PREEMPTED  # checkpoint written: a requeue script resumes with the same command
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
-    except RecipeError as err:
-        # Under a launcher every rank meets the same recipe error: rank 0 says it at once, the others
-        # wait a moment (torchrun ends them when rank 0 exits), so the line appears once; an error met
-        # by one rank alone is still printed. The launcher reports the ranks' exit code 2 and returns
-        # its own failure code (1 for torchrun).
+    except (RecipeError, Diverged) as err:
+        # Under a launcher every rank meets the same error: rank 0 says it at once, the others wait a
+        # moment (torchrun ends them when rank 0 exits), so the line appears once; an error met by one
+        # rank alone is still printed. The launcher reports the ranks' exit code and returns its own
+        # failure code (1 for torchrun).
         if int(os.environ.get("RANK", "0") or 0) > 0:
             time.sleep(3)
-        print(f"leantrain: error: {err}", file=sys.stderr)
-        return 2
+        kind = "diverged" if isinstance(err, Diverged) else "error"
+        print(f"leantrain: {kind}: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("leantrain: interrupted", file=sys.stderr)
         return 130

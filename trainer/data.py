@@ -39,14 +39,21 @@ def load_raw(cfg: DataConfig, seed: int, source: str):
         suffixes = {FILE_FORMATS.get(Path(f).suffix.lower()) for f in cfg.files.values()}
         if None in suffixes or len(suffixes) != 1:
             raise RecipeError(source, "data.files", f"one format for all splits, from {sorted(FILE_FORMATS)}")
-        raw = datasets.load_dataset(suffixes.pop(), data_files=dict(cfg.files))
+        kind = suffixes.pop()
+        options = {"encoding": cfg.encoding} if kind in ("json", "text", "csv") else {}
+        raw = datasets.load_dataset(kind, data_files=dict(cfg.files), **options)
+        if kind == "text":  # blank lines separate paragraphs: no example
+            raw = raw.filter(lambda row: bool(row["text"].strip()))
     else:
         raw = datasets.load_dataset(cfg.dataset, cfg.dataset_config)
     if cfg.train_split not in raw:
         raise RecipeError(source, "data.train_split", f"{cfg.train_split!r} not in the dataset's splits {list(raw)}")
     if cfg.eval_split and cfg.eval_split not in raw:
-        fraction = cfg.eval_fraction or 0.1
-        split = raw[cfg.train_split].train_test_split(test_size=fraction, seed=seed)
+        if cfg.eval_fraction is None:
+            raise RecipeError(source, "data.eval_split", f"{cfg.eval_split!r} not in the dataset's splits {list(raw)}; "
+                              "set data.eval_fraction (e.g. 0.1) to carve it from the training split, or "
+                              "data.eval_split: null for no evaluation")
+        split = raw[cfg.train_split].train_test_split(test_size=cfg.eval_fraction, seed=seed)
         raw = datasets.DatasetDict({cfg.train_split: split["train"], cfg.eval_split: split["test"]})
     for split, limit in ((cfg.train_split, cfg.max_train_examples), (cfg.eval_split, cfg.max_eval_examples)):
         if split and limit is not None and len(raw[split]) > limit:

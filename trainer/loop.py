@@ -11,9 +11,11 @@ so in ``exact``/``ema`` modes the weight is ``k·n_i/N``; in ``standard`` mode
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import resource
+import shutil
 from contextlib import nullcontext
 import signal
 import sys
@@ -27,10 +29,11 @@ from leantrain import optim
 
 from . import checkpoint
 from .data import Collator, MicroBatches, Position, eval_batches, load_raw, loss_items, tokenize
+from . import validation
 from .engines import build_engine
-from .errors import RecipeError
+from .errors import Diverged, RecipeError
 from .estimate import estimate_recipe, format_table
-from .model import build_model, loading_errors
+from .model import build_config, build_model, loading_errors
 from .optimizers import build_optimizer, check_combinations
 from .schedules import build_scheduler
 from .schema import Recipe
@@ -48,20 +51,48 @@ class Cycle:
     total_items: int = 0  # N: loss terms in the cycle (token weighting denominator)
     loss_sum: float = 0.0  # Σ loss_i·n_i, for the logged cycle loss
     tokens: int = 0  # input tokens processed (throughput)
+    skipped: int = 0  # micro-batches skipped for a non-finite loss (replaced by the next ones)
 
 
 class _StopRequest:
-    """SIGTERM (preemption) asks the loop to checkpoint and stop after the current micro-step."""
+    """SIGTERM or SIGUSR1 (preemption, SLURM's warning before a time limit) asks the loop to
+    finish the current micro-step, checkpoint and exit 143.
+
+    The handler only records the signal: a second one while the checkpoint is
+    being written changes nothing (the write is atomic anyway).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
-        self.requested = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not in the main thread
-            pass
+        self.signal: str | None = None
+        for sig in self.SIGNALS:
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
 
-    def _handle(self, *_):
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, _frame):
+        self.signal = self.signal or signal.Signals(signum).name
+
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "final", "run_info.json")  # what makes an output_dir hold a run
+
+
+def _scheduled_lr(scheduler, update: int) -> float:
+    """The lr ``scheduler`` (a LambdaLR or PiecewiseLinearLR) gives after ``update`` updates."""
+    base = scheduler.base_lrs[0]
+    if hasattr(scheduler, "multiplier"):
+        return base * scheduler.multiplier(update)
+    return base * scheduler.lr_lambdas[0](update)
+
+
+def _lr(value) -> str:
+    return "relative" if value is None else f"{float(value):.3g}"
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -87,15 +118,25 @@ class Trainer:
         self.engine.attach(acc)
         set_seed(recipe.seed)
         cfg = recipe.data
+        validation.check_model_path(recipe, source)
+        self._prepare_output_dir()
+        summary = validation.check_files(recipe) if cfg.files else validation.DataSummary()  # every line, at once
         with loading_errors(source, "data.dataset" if cfg.dataset else "data.files", "the dataset"):
             raw = load_raw(cfg, recipe.seed, source)
+        if cfg.dataset:
+            for split in filter(None, (cfg.train_split, cfg.eval_split)):
+                validation.check_dataset(raw[split], f"{cfg.dataset}[{split}]", recipe, summary)
+        with loading_errors(source, "model.name_or_path", "the model config"):
+            config = build_config(recipe.model)
+        validation.check_model_limits(recipe, source, config)
         tokenizer_key = "tokenizer.name_or_path" if recipe.tokenizer.name_or_path else "model.name_or_path"
         with loading_errors(source, tokenizer_key, "the tokenizer"):
             self.tokenizer = build_tokenizer(
                 recipe, raw[cfg.train_split][cfg.text_field] if recipe.tokenizer.train_vocab_size else None)
         num_labels = recipe.model.num_labels
-        if recipe.model.task == "sequence-classification" and num_labels is None:
-            num_labels = len(set(raw[cfg.train_split][cfg.label_field]))
+        if recipe.model.task == "sequence-classification":
+            num_labels, origin = validation.infer_num_labels(recipe, summary, config)
+            acc.print(f"leantrain: num_labels = {num_labels} ({origin})")
         train = tokenize(raw[cfg.train_split], recipe, self.tokenizer, source)
         self.eval_set = tokenize(raw[cfg.eval_split], recipe, self.tokenizer, source) if cfg.eval_split else None
         self.collate = Collator(self.tokenizer.pad_token_id, recipe.model.task)
@@ -106,8 +147,11 @@ class Trainer:
 
         with loading_errors(source, "model.name_or_path", "the model"):
             model = build_model(recipe, tokenizer=self.tokenizer, num_labels=num_labels)
-        # ds_numel: a ZeRO-3 model built under deepspeed.zero.Init holds empty placeholders.
+        # ds_numel / ds_shape: a ZeRO-3 model built under deepspeed.zero.Init holds empty placeholders.
         self.parameter_count = sum(getattr(p, "ds_numel", p.numel()) for p in dict.fromkeys(model.parameters()))
+        shapes = [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in model.named_parameters()]
+        self.model_fingerprint = {"parameters": self.parameter_count,
+                                  "shapes": hashlib.blake2b(repr(shapes).encode(), digest_size=8).hexdigest()}
         self.parameter_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.model, self.stepper = self.engine.prepare(model, lambda m: build_optimizer(recipe, source, m))
         self.optimizer = self.engine.optimizer  # the leantrain/torch object (has .updated)
@@ -119,6 +163,23 @@ class Trainer:
         self.ema = self.optimizer if isinstance(self.optimizer, optim.EMA) else None
 
     # ------------------------------------------------------------------ setup
+    def _prepare_output_dir(self) -> None:
+        """``resume: never`` in a directory that holds a run: refused, or cleared with ``overwrite``."""
+        r, acc = self.recipe, self.accelerator
+        out = Path(r.output_dir)
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if r.checkpointing.resume == "never" and found:
+            if not r.overwrite:
+                raise RecipeError(self.source, "checkpointing.resume", f"never, but output_dir {str(out)!r} holds a run "
+                                  f"({', '.join(found)}); set overwrite: true to start over in it (they are deleted), "
+                                  "resume: auto to continue it, or choose another output_dir")
+            if acc.is_main_process:
+                for name in found:
+                    path = out / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            acc.wait_for_everyone()
+        validation.check_output_dir(r, self.source, create=True)
+
     def _log_startup(self) -> None:
         r, acc = self.recipe, self.accelerator
         effective = r.data.micro_batch_size * self.k * acc.num_processes
@@ -150,11 +211,27 @@ class Trainer:
                 "accumulation": {"mode": r.accumulation.mode, "steps": self.k, "fused": r.accumulation.fused}}
 
     def _resume(self) -> tuple[int, int, Cycle, str | None]:
-        path = checkpoint.find(self.recipe.checkpointing.resume, self.recipe.output_dir)
+        acc = self.accelerator
+        chosen = [None]
+        if acc.is_main_process:  # one rank reads and verifies the checkpoints, every rank loads its choice
+            chosen = [checkpoint.find(self.recipe.checkpointing.resume, self.recipe.output_dir, self.source,
+                                      warn=lambda line: print(line, file=sys.stderr))]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            chosen = broadcast_object_list(chosen)
+        path = chosen[0]
         if path is None:
             return 0, 0, Cycle(), None
-        state = checkpoint.load(self.accelerator, self.engine, path)
-        self.accelerator.print(f"leantrain: resumed from {path} (update {state['update']}, micro-step {state['micro_step']})")
+        state = json.loads((Path(path) / checkpoint.TRAINER_STATE).read_text())
+        self._check_same_model(state, path)
+        try:
+            checkpoint.load(acc, self.engine, Path(path))
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RecipeError(self.source, "checkpointing.resume", f"cannot load {str(path)!r}: {first[:300]}") from None
+        acc.print(f"leantrain: resumed from {path} (update {state['update']}, micro-step {state['micro_step']})")
+        self._explain_changes(state)
         cycle = Cycle(**{**state["cycle"], "start": Position(**state["cycle"]["start"])})
         if not self.accelerator.is_main_process:
             cycle.loss_sum, cycle.tokens = 0.0, 0  # the checkpoint holds every rank's sums on the main process
@@ -162,6 +239,30 @@ class Trainer:
         if saved_world != self.accelerator.num_processes:
             cycle = self._rescale_position(cycle, saved_world, state.get("micro_batch_size", self.recipe.data.micro_batch_size), path)
         return state["update"], state["micro_step"], cycle, state.get("run_id")
+
+    def _check_same_model(self, state: dict, path) -> None:
+        saved = state.get("model")
+        if saved is not None and saved != self.model_fingerprint:
+            raise RecipeError(self.source, "checkpointing.resume", f"{str(path)!r} holds a model of {saved['parameters']:,} "
+                              f"parameters (shapes {saved['shapes']}); this recipe builds {self.parameter_count:,} "
+                              f"(shapes {self.model_fingerprint['shapes']}): resume with the recipe that wrote it")
+
+    def _explain_changes(self, state: dict) -> None:
+        """A resumed run whose length or schedule changed says what changes, from which update."""
+        old_total, old_schedule = state.get("max_updates"), state.get("schedule")
+        new_schedule = self.recipe.schedule.model_dump(mode="json")
+        if old_total in (None, self.total_updates) and old_schedule in (None, new_schedule):
+            return
+        update = state["update"]
+        now = self.optimizer.param_groups[0]["lr"]
+        then = _scheduled_lr(self.scheduler, update) if self.scheduler is not None else now
+        changed = []
+        if old_total not in (None, self.total_updates):
+            changed.append(f"max_updates {old_total} → {self.total_updates}")
+        if old_schedule not in (None, new_schedule):
+            changed.append(f"schedule {old_schedule} → {new_schedule}")
+        self.accelerator.print(f"leantrain: resuming with {'; '.join(changed)}: from update {update + 1} the lr follows "
+                               f"the new schedule ({_lr(now)} at the checkpoint, {_lr(then)} under the new one)")
 
     def _rescale_position(self, cycle: Cycle, saved_world: int, saved_micro: int, path) -> Cycle:
         """A checkpoint from another number of ranks: the same examples consumed, counted for this run."""
@@ -190,7 +291,16 @@ class Trainer:
         self._log_startup()
         update, micro_step, cycle, run_id = self._resume()
         metrics = Metrics(r.output_dir, acc, r, run_id, update)
-        stop = _StopRequest()
+        try:
+            return self._loop(update, micro_step, cycle, metrics)
+        finally:
+            metrics.close()
+
+    def _loop(self, update: int, micro_step: int, cycle: Cycle, metrics: Metrics) -> dict:
+        r, acc = self.recipe, self.accelerator
+        self.stop = _StopRequest()
+        self._stop_everywhere = False
+        self._skips_in_a_row = self._nonfinite_updates_in_a_row = 0
         stream = self.batches.iterate(cycle.start)
         queue = [next(stream) for _ in range(cycle.taken)][cycle.processed:]
         progress = _progress(acc, self.total_updates, update)
@@ -207,8 +317,14 @@ class Trainer:
             if skipped_items is not None:
                 queue.append(next(stream))  # a skipped micro-batch does not count toward k
                 cycle.taken += 1
+                cycle.skipped += 1
                 cycle.total_items += self._global_items(loss_items(queue[-1][1], r.model.task) - skipped_items)
+                self._skips_in_a_row += 1
+                if self._skips_in_a_row >= r.max_nonfinite_updates * self.k:
+                    self._diverged(update, f"{self._skips_in_a_row} consecutive micro-batches "
+                                   f"({r.max_nonfinite_updates} updates' worth) had a non-finite loss")
             else:
+                self._skips_in_a_row = 0
                 micro_step += 1
                 micro_this_run += 1
             if not queue:  # boundary
@@ -218,15 +334,20 @@ class Trainer:
                 cycle = Cycle(start=self.batches.after(position))  # a checkpoint now resumes here
                 if r.checkpointing.every_updates and update % r.checkpointing.every_updates == 0:
                     self._checkpoint(update, micro_step, cycle, metrics.run_id)
-            stopping = stop.requested or (r.stop_after_micro_steps and micro_this_run >= r.stop_after_micro_steps)
-            if stopping and update < self.total_updates:
+            requested = self._stop_everywhere or (r.stop_after_micro_steps and micro_this_run >= r.stop_after_micro_steps)
+            if requested and update < self.total_updates:
                 self._checkpoint(update, micro_step, cycle, metrics.run_id)
-                acc.print(f"leantrain: stopped at update {update}, micro-step {micro_step}; resume with the same command")
-                metrics.close()
-                return {**last, "update": update, "micro_step": micro_step, "stopped": True}
-        result = self._finish(update, micro_step, cycle, metrics, last)
-        metrics.close()
-        return result
+                why = f" on {self.stop.signal or 'a signal on another rank'}" if self._stop_everywhere else ""
+                acc.print(f"leantrain: stopped{why} at update {update}, micro-step {micro_step}; checkpoint written, "
+                          "resume with the same command")
+                return {**last, "update": update, "micro_step": micro_step, "stopped": True,
+                        "signal": (self.stop.signal or "SIGTERM") if self._stop_everywhere else None}
+        return self._finish(update, micro_step, cycle, metrics, last)
+
+    def _diverged(self, update: int, what: str) -> None:
+        last = checkpoint.latest(self.recipe.output_dir, warn=lambda line: None) if self.recipe.checkpointing.every_updates else None
+        raise Diverged(f"{what} at update {update}; last good checkpoint: {last or 'none'} "
+                       "(lower optimizer.lr, or raise max_nonfinite_updates to wait longer)")
 
     def _global_items(self, local: int) -> int:
         """Loss terms summed over ranks: the denominator that makes ranks × k micro-batches one batch."""
@@ -248,7 +369,7 @@ class Trainer:
         with self.engine.micro_step(self.model, last_of_cycle=last_of_cycle):
             with acc.autocast():
                 loss = self.model(**batch).loss
-            if not self._finite_on_all_ranks(loss):
+            if not self._agree(loss):
                 acc.print(f"leantrain: skipped a micro-batch with a non-finite loss (this rank: {loss.item()})")
                 return items
             # Ranks' gradients are averaged (× world undoes it); leantrain's optimizers apply 1/k (× k).
@@ -262,13 +383,19 @@ class Trainer:
         cycle.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         return None
 
-    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
-        """Ranks must skip together, or their micro-step counts (and collectives) diverge."""
-        finite = optim.finite_loss(loss)
-        if self.accelerator.num_processes == 1:
-            return finite
-        flags = self.accelerator.reduce(torch.tensor(int(not finite), device=self.accelerator.device), "sum")
-        return int(flags) == 0
+    def _agree(self, loss: torch.Tensor) -> bool:
+        """Whether every rank's loss is finite; also whether any rank was asked to stop.
+
+        Ranks must skip and stop together, or their micro-step counts (and the
+        collectives inside step() and checkpoints) diverge: both flags travel in
+        one all-reduce per micro-step.
+        """
+        acc = self.accelerator
+        flags = torch.tensor([0.0 if optim.finite_loss(loss) else 1.0, float(self.stop.requested)], device=acc.device)
+        if acc.num_processes > 1:
+            flags = acc.reduce(flags, "sum")
+        self._stop_everywhere = bool(flags[1] > 0)
+        return bool(flags[0] == 0)
 
     def _boundary(self, update: int, cycle: Cycle, metrics: Metrics, micro_step: int) -> dict:
         r, acc = self.recipe, self.accelerator
@@ -286,14 +413,22 @@ class Trainer:
         values = {"update": update, "loss": sums[0] / cycle.total_items, "lr": self.optimizer.param_groups[0]["lr"],
                   "micro_step": micro_step, "tokens": int(sums[1]), "tokens_per_s": self._throughput(int(sums[1])),
                   "peak_memory_mib": _peak_memory_mib(acc.device)}
+        if cycle.skipped:
+            values["skipped_micro_batches"] = cycle.skipped
         if self.fused is not None:
             counts = self.fused.nonfinite_grads  # all ranks: one all-reduce of the counts, one host sync
-            if counts:
-                values["nonfinite_grads"] = sum(counts.values())
+            total = sum(counts.values())
+            if total:
+                values["nonfinite_grads"] = total
+            new = total - getattr(self, "_nonfinite_seen", 0)
+            self._nonfinite_seen = total
+            self._nonfinite_updates_in_a_row = self._nonfinite_updates_in_a_row + 1 if new else 0
+            if self._nonfinite_updates_in_a_row >= r.max_nonfinite_updates:
+                self._diverged(update, f"{self._nonfinite_updates_in_a_row} consecutive updates had non-finite gradients")
         if r.eval.every_updates and update % r.eval.every_updates == 0 and update < self.total_updates:
             values.update(self.evaluate())
-        if update % r.tracking.log_every_updates == 0 or update == self.total_updates:
-            metrics.log(values)
+        if update % r.tracking.log_every_updates == 0 and update < self.total_updates:
+            metrics.log(values)  # the last update is logged once, by _finish, with the final evaluation
         return values
 
     def _throughput(self, tokens: int) -> float:
@@ -337,13 +472,14 @@ class Trainer:
         saved_cycle = {**asdict(cycle), "loss_sum": float(sums[0]), "tokens": int(sums[1])}  # every rank's, on the main
         state = {"update": update, "micro_step": micro_step, "run_id": run_id, "cycle": saved_cycle,
                  "world_size": acc.num_processes, "micro_batch_size": self.recipe.data.micro_batch_size,
-                 "engine": self.engine.name}
+                 "engine": self.engine.name, "model": self.model_fingerprint, "max_updates": self.total_updates,
+                 "schedule": self.recipe.schedule.model_dump(mode="json")}
         checkpoint.save(acc, self.engine, self.recipe.output_dir, state, self.recipe.checkpointing.keep_last)
 
     def _finish(self, update: int, micro_step: int, cycle: Cycle, metrics: Metrics, last: dict) -> dict:
         r, acc = self.recipe, self.accelerator
         final_eval = self.evaluate()
-        if final_eval:
+        if last:  # a run resumed after its last update has logged it already
             metrics.log({"update": update, **{k: v for k, v in last.items() if k != "update"}, **final_eval})
         if r.checkpointing.every_updates:
             self._checkpoint(update, micro_step, cycle, metrics.run_id)

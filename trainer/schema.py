@@ -58,7 +58,10 @@ class DataConfig(Section):
     eval_split: str | None = "validation"
     """Split used for evaluation; null disables evaluation data."""
     eval_fraction: float | None = Field(default=None, gt=0, lt=1)
-    """Carve the eval split out of the training split when the dataset has none."""
+    """Carve the eval split out of the training split when the dataset has none (never implicitly:
+    without it a missing eval split is an error)."""
+    encoding: str = "utf-8"
+    """Text encoding of local json/jsonl/csv/txt files (e.g. latin-1)."""
     text_field: str = "text"
     text_pair_field: str | None = None
     """Second text for pair classification (e.g. NLI)."""
@@ -148,7 +151,15 @@ class ScheduleConfig(Section):
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
     """Final lr as a fraction of the peak (linear, cosine)."""
     points: dict[int, float] | None = None
-    """piecewise: {update: multiplier}, linear in between."""
+    """piecewise: {update: multiplier}, linear in between (required for piecewise)."""
+
+    @model_validator(mode="after")
+    def _points_for_piecewise(self) -> ScheduleConfig:
+        if self.name == "piecewise" and not self.points:
+            raise ValueError("points: required for schedule.name: piecewise, e.g. {0: 0.0, 100: 1.0, 1000: 0.1}")
+        if self.name != "piecewise" and self.points:
+            raise ValueError(f"points: only used by schedule.name: piecewise (this schedule is {self.name!r})")
+        return self
 
 
 class EvalConfig(Section):
@@ -199,6 +210,12 @@ class Recipe(Section):
     run: for time-sliced or preemptible jobs. SIGTERM does the same."""
     seed: int = 0
     output_dir: str = "runs/default"
+    overwrite: bool = False
+    """With checkpointing.resume: never, start over in an output_dir that holds a run (its
+    checkpoints, metrics and final model are deleted). Without it such a directory is refused."""
+    max_nonfinite_updates: int = Field(default=10, ge=1)
+    """Stop (exit code 3) after this many consecutive updates whose micro-batches all had a
+    non-finite loss or gradients: a diverged run. Isolated bad micro-batches are skipped and counted."""
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
@@ -206,4 +223,9 @@ class Recipe(Section):
             raise ValueError("max_updates: one of max_updates, epochs is required")
         if self.model.name_or_path is None and not (self.model.from_config or {}).get("model_type"):
             raise ValueError("model.name_or_path: required (or model.from_config.model_type for a random init)")
+        if self.overwrite and self.checkpointing.resume != "never":
+            raise ValueError("overwrite: true only applies with checkpointing.resume: never (start over); "
+                             f"resume is {self.checkpointing.resume!r}")
+        if self.model.task == "seq2seq" and not self.data.target_field:
+            raise ValueError("data.target_field: required for task seq2seq (the column holding the target text)")
         return self
