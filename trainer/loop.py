@@ -119,16 +119,16 @@ class Trainer:
         set_seed(recipe.seed)
         cfg = recipe.data
         validation.check_model_path(recipe, source)
+        with loading_errors(source, "model.name_or_path", "the model config"):
+            config = build_config(recipe.model)
+        validation.check_model_limits(recipe, source, config)
         self._prepare_output_dir()
-        summary = validation.check_files(recipe) if cfg.files else validation.DataSummary()  # every line, at once
+        summary = validation.check_files(recipe, source) if cfg.files else validation.DataSummary()  # every line
         with loading_errors(source, "data.dataset" if cfg.dataset else "data.files", "the dataset"):
             raw = load_raw(cfg, recipe.seed, source)
         if cfg.dataset:
             for split in filter(None, (cfg.train_split, cfg.eval_split)):
                 validation.check_dataset(raw[split], f"{cfg.dataset}[{split}]", recipe, summary)
-        with loading_errors(source, "model.name_or_path", "the model config"):
-            config = build_config(recipe.model)
-        validation.check_model_limits(recipe, source, config)
         tokenizer_key = "tokenizer.name_or_path" if recipe.tokenizer.name_or_path else "model.name_or_path"
         with loading_errors(source, tokenizer_key, "the tokenizer"):
             self.tokenizer = build_tokenizer(

@@ -94,10 +94,14 @@ def _show(value) -> str:
 
 
 # ------------------------------------------------------------------ local files
-def check_files(recipe: Recipe) -> DataSummary:
+def check_files(recipe: Recipe, source: str) -> DataSummary:
     """Read every local data file fully and check each record; returns what was learnt."""
     summary = DataSummary()
     cfg = recipe.data
+    if cfg.eval_split and cfg.eval_split not in cfg.files and cfg.eval_fraction is None:
+        raise RecipeError(source, "data.eval_split", f"{cfg.eval_split!r} not in data.files ({', '.join(cfg.files)}); "
+                          "set data.eval_fraction (e.g. 0.1) to carve it from the training split, or "
+                          "data.eval_split: null for no evaluation")
     for split, path in (cfg.files or {}).items():
         count = 0
         for line, record in _records(Path(path), cfg, recipe):
@@ -332,7 +336,7 @@ def validate_recipe(recipe: Recipe, source: str) -> list[str]:
     notes = []
     check_model_path(recipe, source)
     check_output_dir(recipe, source, create=False)
-    summary = check_files(recipe) if recipe.data.files else DataSummary()
+    summary = check_files(recipe, source) if recipe.data.files else DataSummary()
     if recipe.data.dataset:
         if hub_reachable():
             import datasets
