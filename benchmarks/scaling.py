@@ -34,10 +34,17 @@ Per row:
   (start-up, the first update and the final save are left out);
 * time per update: ``tokens / tokens_per_s`` of each update in
   ``metrics.jsonl``, median over updates 2..N (update 1 is warm-up);
+* other load: the CPU time processes other than the run's ranks took while
+  updates 2..N ran, in cores (``/proc/stat`` busy time minus the ranks' own
+  CPU time, over the wall time), to tell a slow run from a shared machine;
 * ratios to the 1-rank ``ddp`` run (the single-process baseline).
 
 Every (engine, ranks) runs ``--repeats`` times, interleaved; the table shows
-medians over the repeats. A failed run is reported in the table with its
+medians over the repeats. Each launch first waits (at most ``--wait-idle``
+seconds) for a >= 90% idle CPU. ``--code-ref HEAD`` runs leantrain as
+committed (``git archive`` into the temporary folder, first on PYTHONPATH),
+for a working tree that others are editing. The full default run takes about
+8–9 minutes on 2 cores and needs about 3.5 GiB of RAM at once. A failed run is reported in the table with its
 error line. Writes ``scaling.json`` (every run, every rank, per-op counters),
 ``scaling.md`` and ``scaling.png`` into ``--out``.
 """
@@ -232,10 +239,24 @@ def run_one(engine: str, ranks: int, repeat: int, recipe: Path, root: Path, time
             row.setdefault("optimizer_reported_bytes_per_update", []).append((reported[1] - reported[0]) / n)
         per_op.append({op: {"bytes": ops[op], "calls": calls.get(op, 0)} for op in ops if calls.get(op, 0)})
     row["comm_bytes_per_update_per_rank"] = comm
+    row["other_load_cores"] = other_load(row["rank_records"])
     row["comm_per_op_per_update"] = per_op
     if row["rank_records"] and len(row["rank_records"]) != ranks:
         row["warning"] = f"{len(row['rank_records'])} rank records for {ranks} ranks"
     return row
+
+
+def other_load(records: list[dict]) -> float | None:
+    """Cores' worth of CPU time that processes other than this run's ranks took while updates 2..N ran:
+    (machine busy time − the ranks' own CPU time) / wall time, from the per-update snapshots."""
+    if not records or any(len(r["updates"]) < 2 for r in records):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    first, last = records[0]["updates"][0], records[0]["updates"][-1]
+    wall = last["t"] - first["t"]
+    busy = (last["machine_busy_ticks"] - first["machine_busy_ticks"]) / tick
+    ours = sum(r["updates"][-1]["cpu_s"] - r["updates"][0]["cpu_s"] for r in records)
+    return max(0.0, busy - ours) / wall if wall > 0 else None
 
 
 def summarise(engine: str, ranks: int, runs: list[dict]) -> dict:
@@ -258,6 +279,8 @@ def summarise(engine: str, ranks: int, runs: list[dict]) -> dict:
                 s_per_update=med(r["s_per_update"] for r in ok),
                 s_per_update_each_run=[r["s_per_update"] for r in ok],
                 cpu_idle_before=med(r["cpu_idle_before"] for r in ok),
+                other_load_cores=med(r["other_load_cores"] for r in ok) if all(
+                    r["other_load_cores"] is not None for r in ok) else None,
                 optimizer_reported_bytes_per_update=ok[0].get("optimizer_reported_bytes_per_update"),
                 final_loss=med(r["metrics"][-1]["loss"] for r in ok),
                 wall_s=med(r["wall_s"] for r in ok))
@@ -285,6 +308,10 @@ def versions() -> dict:
 
 def _ratio(value, base, digits=2):
     return f"{value / base:.{digits}f}" if value is not None and base else "–"
+
+
+def _load(row: dict) -> str:
+    return "–" if row.get("other_load_cores") is None else f"{row['other_load_cores']:.2f}"
 
 
 def markdown(res: dict) -> str:
@@ -321,11 +348,13 @@ def markdown(res: dict) -> str:
         "call: an all-gather counts its local shard, a reduce-scatter the full input), counted from the end of "
         "update 1 to the end of the last update (start-up and the final save excluded), max over the ranks; "
         "B/param = comm / parameters; time per update = median of `tokens / tokens_per_s` over updates "
-        f"2..{res['updates']}; CPU idle before = share of the 2 s before the launch the CPUs were idle "
-        f"(each launch first waits up to {res['wait_idle']:g} s for >= 90%). Every figure is the median over {res['repeats']} run(s) of that row; "
+        f"2..{res['updates']}; other load = CPU time other processes took while updates 2..{res['updates']} "
+        f"ran, in cores (machine busy time from /proc/stat minus the ranks' own CPU time, over the wall time; "
+        f"0 = the run had the {res['machine']['cores']} cores to itself; each launch first waits up to "
+        f"{res['wait_idle']:g} s for a >= 90% idle CPU). Every figure is the median over {res['repeats']} run(s) of that row; "
         "× = ratio to the 1-rank `ddp` run (the single-process baseline).", "",
         "| engine | ranks | micro-batch | opt. state MiB/rank | × | params/rank | peak RSS MiB/rank, max [each] | × "
-        "| comm MiB/update/rank | comm B/param | s/update | × | CPU idle before |",
+        "| comm MiB/update/rank | comm B/param | s/update | × | other load, cores |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -342,12 +371,12 @@ def markdown(res: dict) -> str:
             f"{_ratio(state, b.get('optimizer_state_bytes_per_rank'))} | {r['parameters_per_rank']:,} | "
             f"{r['peak_rss_mib_max']:.0f} [{peaks}] | {_ratio(r['peak_rss_mib_max'], b.get('peak_rss_mib_max'))} | "
             f"{comm / mib:.1f} | {comm / r['parameters']:.2f} | {r['s_per_update']:.2f} | "
-            f"{_ratio(r['s_per_update'], b.get('s_per_update'))} | {r['cpu_idle_before']:.0%} |" if comm is not None else
+            f"{_ratio(r['s_per_update'], b.get('s_per_update'))} | {_load(r)} |" if comm is not None else
             f"| {r['run_engine']} | {r['ranks']} | {r['micro_batch_size']} | {state / mib:.1f} | "
             f"{_ratio(state, b.get('optimizer_state_bytes_per_rank'))} | {r['parameters_per_rank']:,} | "
             f"{r['peak_rss_mib_max']:.0f} [{peaks}] | {_ratio(r['peak_rss_mib_max'], b.get('peak_rss_mib_max'))} | "
             f"– | – | {r['s_per_update']:.2f} | {_ratio(r['s_per_update'], b.get('s_per_update'))} | "
-            f"{r['cpu_idle_before']:.0%} |")
+            f"{_load(r)} |")
     # per-op breakdown of the 2-rank runs (rank 0)
     multi = [r for r in rows if "error" not in r and r["ranks"] > 1]
     if multi:
@@ -368,8 +397,10 @@ def markdown(res: dict) -> str:
 
 def notes(res: dict) -> list[str]:
     out = [
-        f"This 2-core VM's speed drifts in phases of minutes (and other work may share it); the runs of each row "
-        f"are interleaved with the others, but times differing by less than ~20% are not a reliable difference.",
+        "This 2-core VM's speed drifts in phases of minutes and other work may share it: read each time with its "
+        "'other load' column (a 2-thread 1-rank run may lose more than the share taken from it, since its "
+        "threads wait for each other at every parallel op). The runs of each row are interleaved with the others' "
+        f"({res['repeats']} repeat(s)); do not trust a time ratio this table does not reproduce.",
         "With 2 ranks on 2 cores each rank gets 1 core (OMP_NUM_THREADS=1) where the 1-rank run has 2 threads: "
         "the ranks share the machine's cores and gloo moves data through shared memory/loopback, so the time "
         "columns show overhead, not speed-up.",
@@ -382,6 +413,14 @@ def notes(res: dict) -> list[str]:
     ]
     out.append("The trainer's own all-reduces (token count per cycle, finite-loss flag per micro-step, loss and "
                "token sums per update: a few bytes each) are in every row's count.")
+    ok = [r for r in res["rows"] if "error" not in r]
+    for n in res["ranks"]:
+        same = [r for r in ok if r["ranks"] == n]
+        if len(same) > 1:
+            lo, hi = min(same, key=lambda r: r["s_per_update"]), max(same, key=lambda r: r["s_per_update"])
+            out.append(f"Spread of the {n}-rank times (same model, batch and threads): {lo['s_per_update']:.2f} s "
+                       f"({lo['run_engine']}, other load {_load(lo)}) to {hi['s_per_update']:.2f} s "
+                       f"({hi['run_engine']}, other load {_load(hi)}).")
     for r in res["rows"]:
         reported = r.get("optimizer_reported_bytes_per_update")
         if reported and any(reported) and r.get("comm_per_op_per_update_rank0"):

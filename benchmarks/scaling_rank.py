@@ -16,8 +16,10 @@ reducer and its start-up ``_broadcast_coalesced`` bypass Python and are not
 seen; with ``accumulation.mode: exact`` every DDP backward runs under
 ``no_sync``, so the reducer sends nothing in the measured updates.
 
-It also snapshots the counters and a clock after every optimizer update (the
-trainer's ``_boundary``), so start-up and final-save traffic can be left out.
+It also snapshots the counters, a clock, this process's CPU time and the
+machine's busy CPU ticks (``/proc/stat``) after every optimizer update (the
+trainer's ``_boundary``), so start-up and final-save traffic can be left out
+and the CPU time other processes took during the timed updates can be told.
 At exit it writes ``$SCALING_RANK_OUT/rank<R>.json``: ``ru_maxrss`` (this
 process's peak RSS), the counters (total and per update) and the exit code.
 """
@@ -114,6 +116,13 @@ def install_counters() -> list[str]:
     return wrapped
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of the whole machine since boot, /proc/stat (steal counts as busy)."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def main() -> int:
     out = os.environ["SCALING_RANK_OUT"]
     rank = int(os.environ.get("RANK", "0") or 0)
@@ -127,7 +136,11 @@ def main() -> int:
     def boundary(self, update, *args, **kwargs):
         values = original_boundary(self, update, *args, **kwargs)
         inner = getattr(self.engine, "inner_optimizer", None)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        busy, total = cpu_ticks()
         updates.append({"update": update, "t": time.perf_counter(), "bytes": dict(BYTES), "calls": dict(CALLS),
+                        "cpu_s": usage.ru_utime + usage.ru_stime, "machine_busy_ticks": busy,
+                        "machine_total_ticks": total,
                         "optimizer_communicated_bytes": getattr(inner, "communicated_bytes", None)})
         return values
 

@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
 
             cmd.add_argument("--engine", default="ddp", choices=ENGINES, help="how the state is laid out (default ddp)")
             cmd.add_argument("--ranks", type=_positive, default=1, help="number of processes (default 1)")
+    from leantrain.launch.cli import add_arguments
+
+    launch = sub.add_parser("launch", help="run a recipe under accelerate/torchrun or submit it to SLURM",
+                            description="run a recipe under accelerate/torchrun or submit it to SLURM")
+    add_arguments(launch)
     return parser
 
 
@@ -51,6 +56,10 @@ def _split_recipe_and_overrides(args) -> tuple[str | None, list[str]]:
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "train"
+    if command == "launch":
+        from leantrain.launch.cli import main as launch
+
+        return launch(args)
     if args.command is None:
         args.recipe, args.overrides = None, []
     name, overrides = _split_recipe_and_overrides(args)
