@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_close_lists, grad_stream, make_params
+from helpers import assert_close_lists, grad_stream, make_params, run_reference_accumulation
 
 from leantrain import optim
 
@@ -83,12 +83,7 @@ def test_sgd_options_equal_torch_on_the_accumulated_gradient(kwargs, k):
     opt_b = torch.optim.SGD(b, **{"lr": 0.05, **kwargs})
     stream = grad_stream(4 * k)
     _steps(opt_a, a, stream)
-    for s, grads in enumerate(stream):
-        for p, g in zip(b, grads):
-            p.grad = g / k if p.grad is None else p.grad + g / k
-        if (s + 1) % k == 0:
-            opt_b.step()
-            opt_b.zero_grad()
+    run_reference_accumulation(opt_b, b, stream, k)
     assert_close_lists(a, b, rtol=1e-5, atol=1e-6)
 
 

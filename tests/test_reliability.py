@@ -17,24 +17,17 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from trainer_helpers import metrics, write_text_files
+from trainer_helpers import metrics, reset_accelerate, write_text_files
 
 from leantrain.trainer import cli
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     yield
-    _reset_accelerate()
+    reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +72,7 @@ def _train_process(recipe: Path, *overrides: str, **popen) -> subprocess.Popen:
 def _cli(capsys, *args: str) -> tuple[int, list[str], str]:
     """The console script in this process (no import cost): exit code, stderr lines, stdout."""
     code = cli.main(list(args))
-    _reset_accelerate()
+    reset_accelerate()
     captured = capsys.readouterr()
     return code, [line for line in captured.err.splitlines() if line.startswith("leantrain:")], captured.out
 

@@ -8,23 +8,17 @@ import pytest
 import torch
 import wandb_offline
 from safetensors.torch import load_file
-from trainer_helpers import metrics, tiny_lm_recipe, write_text_files
+from trainer_helpers import metrics, reset_accelerate, tiny_lm_recipe, write_text_files
 
 from leantrain.trainer.loop import train
 
 
-def _reset_accelerate() -> None:
-    """accelerate keeps process-global singletons; each in-process run starts from a clean slate."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     yield
-    _reset_accelerate()
+    reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +42,7 @@ def test_micro_batch_splits_give_the_same_loss_curve(tmp_path, files, mode, opti
         recipe = tiny_lm_recipe(out, files, data__micro_batch_size=micro, accumulation__steps=k,
                                 accumulation__mode=mode, optimizer=optimizer)
         train(recipe, "test")
-        _reset_accelerate()
+        reset_accelerate()
         curves.append([m["loss"] for m in metrics(out)])
         finals.append(_final_params(out))
     assert len(curves[0]) == 6
@@ -69,12 +63,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, files, stop_after, fu
                   schedule={"name": "cosine", "warmup_updates": 2}, checkpointing={"every_updates": 2})
     whole = tmp_path / "whole"
     train(tiny_lm_recipe(whole, files, **common), "test")
-    _reset_accelerate()
+    reset_accelerate()
 
     parts = tmp_path / "parts"
     first = train(tiny_lm_recipe(parts, files, stop_after_micro_steps=stop_after, **common), "test")
     assert first["stopped"] and first["micro_step"] == stop_after
-    _reset_accelerate()
+    reset_accelerate()
     second = train(tiny_lm_recipe(parts, files, **common), "test")
     assert not second["stopped"] and second["update"] == 6
     assert [m["loss"] for m in metrics(parts)] == [m["loss"] for m in metrics(whole)]
@@ -131,6 +125,6 @@ def test_gradient_checkpointing_recipe_trains_the_same_curve(tmp_path, files):
         recipe = tiny_lm_recipe(out, files, accumulation__steps=2, accumulation__fused=True,
                                 data__micro_batch_size=4, model__gradient_checkpointing=checkpointing)
         train(recipe, "test")
-        _reset_accelerate()
+        reset_accelerate()
         curves.append([m["loss"] for m in metrics(out)])
     assert curves[1] == pytest.approx(curves[0], rel=1e-6)

@@ -49,3 +49,11 @@ def tiny_lm_recipe(output_dir: Path, files: dict[str, str], *, dropout: float = 
 
 def metrics(output_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps process-global singletons; each in-process run starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
