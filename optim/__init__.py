@@ -11,6 +11,7 @@ from .adax import AdaX
 from .ema import EMA
 from ._interop import export_state_dict
 from .fused import FusedBackward, finite_loss, fuse_into_backward
+from .layer_adaptation import LayerAdaptation
 from .lookahead import Lookahead
 from .memory import MemoryReport, memory_report, state_bytes, state_bytes_by_component
 from .schedule import PiecewiseLinearLR
@@ -23,6 +24,7 @@ __all__ = [
     "AdaFactor",
     "AdaX",
     "Lookahead",
+    "LayerAdaptation",
     "EMA",
     "PiecewiseLinearLR",
     "fuse_into_backward",

@@ -469,10 +469,19 @@ class AccumulatingOptimizer(Optimizer):
                     write_back(w, p, stochastic=group["stochastic_rounding"], seed=seed)
 
     def _update_full(self, group, params, states, t: int, grads, layouts) -> None:
-        if grads is None:
-            self._apply(group, params, states, t=t, layouts=layouts)
+        def update(idx):
+            ps, ss, ls = _pick(params, idx), _pick(states, idx), _pick(layouts, idx)
+            if grads is None:
+                self._apply(group, ps, ss, t=t, layouts=ls)
+            else:
+                self._step_on_grad(group, ps, _pick(grads, idx), ss, t=t, layouts=ls)
+
+        if group.get("layer_adaptation"):  # LayerAdaptation: each tensor's step scaled by its trust ratio
+            from .layer_adaptation import adapted_update
+
+            adapted_update(update, group, params, layouts)
         else:
-            self._step_on_grad(group, params, grads, states, t=t, layouts=layouts)
+            update(list(range(len(params))))
 
     def _positions(self) -> dict[torch.Tensor, int]:
         """Each parameter's position in the optimizer (its index in ``state_dict()``)."""

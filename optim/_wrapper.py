@@ -62,6 +62,16 @@ class OptimizerWrapper(Optimizer):
             self._after_update()
         return loss
 
+    def sync_state(self) -> None:
+        """The wrapped optimizer's ``sync_state`` (mid-cycle state made rank-independent)."""
+        if hasattr(self.base, "sync_state"):
+            self.base.sync_state()
+
+    def replicated_over(self, group=None):
+        """The wrapped optimizer's ``replicated_over`` (state averaged across DDP ranks); returns self."""
+        self.base.replicated_over(group)
+        return self
+
     def end_cycle(self) -> None:
         """Close the wrapped optimizer's open cycle now (see ``AccumulatingOptimizer.end_cycle``)."""
         was = self.base.micro_step

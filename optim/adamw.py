@@ -172,6 +172,7 @@ def _fused_kernel_applies(group: dict) -> bool:
     """
     return (
         group["fused"] is not False
+        and not group.get("layer_adaptation")  # the kernel steps in one go: no step to measure and rescale
         and group["accum_steps"] == 1
         and not group["lazy_rows"]
         and group["max_update_rms"] is None

@@ -122,6 +122,15 @@ def build_optimizer(recipe: Recipe, source: str, model: torch.nn.Module) -> torc
     except (TypeError, ValueError) as err:
         key, message = _recipe_key(str(err).splitlines()[0], cls)
         raise RecipeError(source, key, message) from None
+    if recipe.optimizer.layer_adaptation:
+        if not embeds_accumulation(cls):
+            raise RecipeError(source, "optimizer.layer_adaptation", f"needs a leantrain optimizer, not {cls.__name__}")
+        settings = recipe.optimizer.layer_adaptation
+        try:
+            optimizer = optim.LayerAdaptation(optimizer, max_trust_ratio=settings.max_trust_ratio,
+                                              exclude_1d=settings.exclude_1d)
+        except ValueError as err:
+            raise RecipeError(source, "optimizer.layer_adaptation", str(err)) from None
     if recipe.optimizer.lookahead:
         optimizer = optim.Lookahead(optimizer, k=recipe.optimizer.lookahead.k, alpha=recipe.optimizer.lookahead.alpha)
     if recipe.optimizer.ema:

@@ -101,6 +101,13 @@ class EMAConfig(Section):
     """Evaluation and the final model use the averaged weights."""
 
 
+class LayerAdaptationConfig(Section):
+    max_trust_ratio: float | None = Field(default=None, gt=0)
+    """Upper bound of ‖θ‖/‖u‖ (null: none)."""
+    exclude_1d: bool = True
+    """Biases and norm scales keep their plain update."""
+
+
 class ParamGroupRule(Section):
     pattern: str
     """Regular expression matched (``re.search``) against parameter names; first match wins."""
@@ -125,6 +132,8 @@ class OptimizerConfig(Section):
     """Per-pattern learning rates / weight decay."""
     lookahead: LookaheadConfig | None = None
     ema: EMAConfig | None = None
+    layer_adaptation: LayerAdaptationConfig | None = None
+    """Scale each tensor's update by its trust ratio ‖θ‖/‖u‖ (LAMB with AdamW); for large batches."""
     max_grad_norm: float | None = Field(default=None, gt=0)
     """Global gradient-norm clipping (standard mode only: it needs the averaged
     gradient; with fused accumulation use max_update_rms / clip_threshold)."""

@@ -56,6 +56,7 @@ CONFIGS = {
     "adamw_clipped_k4": lambda p: optim.AdamW(p, lr=0.05, max_update_rms=0.05, accum_steps=K),
     "sgd_k4": lambda p: optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01, accum_steps=K),
     "adax_k4": lambda p: optim.AdaX(p, lr=0.05, max_update_rms=0.1, accum_steps=K),
+    "lamb_k4": lambda p: optim.LayerAdaptation(optim.AdamW(p, lr=0.05, weight_decay=0.1, accum_steps=K)),
 }
 
 
