@@ -17,6 +17,7 @@ from .memory import MemoryReport, memory_report, state_bytes, state_bytes_by_com
 from .schedule import PiecewiseLinearLR
 from .sgd import SGD
 from .zero import ZeroClient
+from .zeroth_order import ZerothOrder
 
 __all__ = [
     "SGD",
@@ -36,4 +37,5 @@ __all__ = [
     "state_bytes_by_component",
     "export_state_dict",
     "ZeroClient",
+    "ZerothOrder",
 ]
