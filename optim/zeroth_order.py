@@ -29,6 +29,8 @@ drift of a few ulps per step, as in MeZO.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import check_accum_steps, check_lr, check_number, scalar
@@ -101,7 +103,8 @@ class ZerothOrder(torch.optim.Optimizer):
             self._shift(q, -2.0)
             minus = float(closure())
             self._shift(q, +1.0)
-            self._projections[q] += (plus - minus) / (2.0 * scalar(first["eps"])) / self.accum_steps
+            if math.isfinite(plus) and math.isfinite(minus):  # a non-finite pair adds nothing (returned as NaN)
+                self._projections[q] += (plus - minus) / (2.0 * scalar(first["eps"])) / self.accum_steps
             losses.append((plus + minus) / 2.0)
         for group in self.param_groups:
             group["micro_step"] += 1

@@ -34,7 +34,8 @@ from .engines import build_engine
 from .errors import Diverged, RecipeError
 from .estimate import estimate_recipe, format_table
 from .model import build_config, build_model, loading_errors
-from .optimizers import build_optimizer, check_combinations
+from .optimizers import build_optimizer, check_combinations, is_zeroth_order, resolve_class, resolve_objective
+from .regularization import GradientPenalty, flood
 from .schedules import build_scheduler
 from .schema import Recipe
 from .tokenizer import build_tokenizer
@@ -52,6 +53,7 @@ class Cycle:
     loss_sum: float = 0.0  # Σ loss_i·n_i, for the logged cycle loss
     tokens: int = 0  # input tokens processed (throughput)
     skipped: int = 0  # micro-batches skipped for a non-finite loss (replaced by the next ones)
+    regularised_sum: float = 0.0  # Σ (flooded loss + λ‖∇L‖²)·n_i, when a regulariser is on
 
 
 class _StopRequest:
@@ -116,6 +118,9 @@ class Trainer:
                                        project_dir=recipe.output_dir, **self.engine.accelerator_kwargs())
         acc = self.accelerator
         self.engine.attach(acc)
+        if is_zeroth_order(resolve_class(recipe, source)) and self.engine.name != "ddp":
+            raise RecipeError(source, "optimizer.name", f"ZerothOrder perturbs whole parameters with one seed; "
+                              f"{self.engine.name} shards them: use DDP or one process")
         set_seed(recipe.seed)
         cfg = recipe.data
         validation.check_model_path(recipe, source)
@@ -160,6 +165,17 @@ class Trainer:
             acc.register_for_checkpointing(self.scheduler)
         self.fused = optim.fuse_into_backward(self.engine.unwrap(self.model), self.optimizer) \
             if recipe.accumulation.fused else None
+        self.zeroth_order = isinstance(self.engine.inner_optimizer, optim.ZerothOrder)
+        self.objective = resolve_objective(recipe, source) if self.zeroth_order else None
+        reg = recipe.regularization
+        self.regularised = reg.flooding is not None or reg.gradient_penalty is not None
+        self.penalty = None
+        if reg.gradient_penalty is not None:
+            if self.engine.name != "ddp" or (acc.num_processes > 1 and recipe.accumulation.mode == "standard"):
+                raise RecipeError(source, "regularization.gradient_penalty", f"not with {self.engine.name} on "
+                                  f"{acc.num_processes} process(es) in {recipe.accumulation.mode} mode: its gradients "
+                                  "must be this rank's own, whole (DDP or one process, mode exact or ema)")
+            self.penalty = GradientPenalty(reg.gradient_penalty, reg.penalty_radius)
         self.ema = self.optimizer if isinstance(self.optimizer, optim.EMA) else None
 
     # ------------------------------------------------------------------ setup
@@ -364,6 +380,11 @@ class Trainer:
         r, acc = self.recipe, self.accelerator
         batch = {key: value.to(acc.device) for key, value in batch.items()}
         items = loss_items(batch, r.model.task)
+        # Ranks' gradients are averaged (× world undoes it); leantrain's optimizers apply 1/k (× k).
+        share = items / cycle.total_items * acc.num_processes
+        scale = share if r.accumulation.mode == "standard" else share * self.k
+        if self.zeroth_order:
+            return self._zeroth_order_micro_step(batch, cycle, items, scale)
         last_of_cycle = cycle.processed + 1 == cycle.taken
         # The engine's gradient-sync policy must cover the forward too (DDP arms its reducer there).
         with self.engine.micro_step(self.model, last_of_cycle=last_of_cycle):
@@ -372,16 +393,50 @@ class Trainer:
             if not self._agree(loss):
                 acc.print(f"leantrain: skipped a micro-batch with a non-finite loss (this rank: {loss.item()})")
                 return items
-            # Ranks' gradients are averaged (× world undoes it); leantrain's optimizers apply 1/k (× k).
-            share = items / cycle.total_items * acc.num_processes
-            scale = share if r.accumulation.mode == "standard" else share * self.k
-            self.engine.backward(loss * scale, last_of_cycle=last_of_cycle)
+            objective = flood(loss, r.regularization.flooding)
+            self.engine.backward(objective * scale, last_of_cycle=last_of_cycle)
+            regularised = objective.item()
+            if self.penalty is not None:
+                def again():
+                    with acc.autocast():
+                        second = flood(self.model(**batch).loss, r.regularization.flooding)
+                    self.engine.backward(second * scale, last_of_cycle=last_of_cycle)
+
+                trained = [p for g in self.optimizer.param_groups for p in g["params"]]
+                regularised += self.penalty.weight * self.penalty.apply(trained, scale, again)
         if r.accumulation.mode != "standard":
             self.stepper.step()  # folds this micro-batch; moves parameters at the boundary
             self.stepper.zero_grad(set_to_none=True)
-        cycle.loss_sum += loss.item() * items
-        cycle.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        self._count(cycle, batch, items, loss.item(), regularised)
         return None
+
+    def _zeroth_order_micro_step(self, batch: dict, cycle: Cycle, items: int, scale: float) -> None:
+        """Forward passes only: the optimizer evaluates the micro-batch at θ ± ε·z through a closure.
+
+        In eval mode (no dropout), or the two evaluations would differ by more
+        than the perturbation. A non-finite evaluation adds nothing to the
+        cycle (ZerothOrder skips it) and is counted as skipped.
+        """
+        acc = self.accelerator
+        self.model.eval()
+
+        def closure():
+            with acc.autocast():
+                return float(self.objective(self.model(**batch), batch)) * scale
+
+        value = self.optimizer.step(closure) / scale  # (accelerate's wrapper would drop the returned value)
+        self.model.train()
+        if not math.isfinite(value):
+            cycle.skipped += 1
+        self._agree(torch.tensor(value))  # the ranks' stop requests travel with it
+        self._count(cycle, batch, items, value if math.isfinite(value) else 0.0, None)
+        return None
+
+    def _count(self, cycle: Cycle, batch: dict, items: int, loss: float, regularised: float | None) -> None:
+        cycle.loss_sum += loss * items
+        if regularised is not None and self.regularised:
+            cycle.regularised_sum += regularised * items
+        cycle.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
     def _agree(self, loss: torch.Tensor) -> bool:
         """Whether every rank's loss is finite; also whether any rank was asked to stop.
@@ -408,11 +463,13 @@ class Trainer:
             raise RuntimeError(f"internal: the optimizer did not update at the boundary of update {update}")
         if self.scheduler is not None:
             self.scheduler.step()
-        sums = acc.reduce(torch.tensor([cycle.loss_sum, float(cycle.tokens)], dtype=torch.float64, device=acc.device),
-                          "sum").tolist()  # every rank's loss terms and tokens
+        sums = acc.reduce(torch.tensor([cycle.loss_sum, float(cycle.tokens), cycle.regularised_sum],
+                                       dtype=torch.float64, device=acc.device), "sum").tolist()  # every rank's
         values = {"update": update, "loss": sums[0] / cycle.total_items, "lr": self.optimizer.param_groups[0]["lr"],
                   "micro_step": micro_step, "tokens": int(sums[1]), "tokens_per_s": self._throughput(int(sums[1])),
                   "peak_memory_mib": _peak_memory_mib(acc.device)}
+        if self.regularised:
+            values["regularised_loss"] = sums[2] / cycle.total_items
         if cycle.skipped:
             values["skipped_micro_batches"] = cycle.skipped
         if self.fused is not None:

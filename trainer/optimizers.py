@@ -12,7 +12,8 @@ from leantrain import optim
 from .errors import RecipeError
 from .schema import Recipe
 
-LEANTRAIN_OPTIMIZERS = {"SGD": optim.SGD, "AdamW": optim.AdamW, "AdaFactor": optim.AdaFactor, "AdaX": optim.AdaX}
+LEANTRAIN_OPTIMIZERS = {"SGD": optim.SGD, "AdamW": optim.AdamW, "AdaFactor": optim.AdaFactor, "AdaX": optim.AdaX,
+                        "ZerothOrder": optim.ZerothOrder}
 TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD",
                     "Adafactor")
 
@@ -51,6 +52,11 @@ def resolve_class(recipe: Recipe, source: str) -> type:
 
 def embeds_accumulation(cls: type) -> bool:
     return issubclass(cls, optim._accumulating.AccumulatingOptimizer)
+
+
+def is_zeroth_order(cls: type) -> bool:
+    """Forward passes only: the loop gives step() a closure instead of running backward."""
+    return issubclass(cls, optim.ZerothOrder)
 
 
 def param_groups(recipe: Recipe, model: torch.nn.Module) -> list[dict]:
@@ -109,7 +115,9 @@ def build_optimizer(recipe: Recipe, source: str, model: torch.nn.Module) -> torc
     cls = resolve_class(recipe, source)
     acc = recipe.accumulation
     kwargs = {key: _dtype_or_value(key, value) for key, value in recipe.optimizer.kwargs().items()}
-    if embeds_accumulation(cls):
+    if is_zeroth_order(cls):
+        kwargs.update(accum_steps=acc.steps)
+    elif embeds_accumulation(cls):
         if acc.mode == "standard":
             kwargs.update(accum_steps=1)  # the loop accumulates in .grad
         else:
@@ -146,7 +154,17 @@ def check_combinations(recipe: Recipe, source: str) -> None:
     """
     cls = resolve_class(recipe, source)
     acc = recipe.accumulation
-    if acc.mode != "standard" and not embeds_accumulation(cls):
+    reg = recipe.regularization
+    if is_zeroth_order(cls):
+        _check_zeroth_order(recipe, source)
+    elif recipe.optimizer.objective != "loss":
+        raise RecipeError(source, "optimizer.objective", f"{recipe.optimizer.objective!r} has no gradient; only "
+                          "optimizer.name: ZerothOrder optimises an objective other than the loss")
+    if reg.gradient_penalty is not None and acc.fused:
+        raise RecipeError(source, "regularization.gradient_penalty", "cannot compose with fused accumulation: the "
+                          "finite-difference step needs the whole gradient before the parameters move; "
+                          "use accumulation.fused: false")
+    if acc.mode != "standard" and not embeds_accumulation(cls) and not is_zeroth_order(cls):
         raise RecipeError(source, "accumulation.mode", f"{acc.mode!r} folds gradients into the optimizer's momentum, "
                           f"which {cls.__name__} cannot do; use mode: standard or a leantrain optimizer "
                           f"({', '.join(LEANTRAIN_OPTIMIZERS)})")
@@ -166,3 +184,38 @@ def check_combinations(recipe: Recipe, source: str) -> None:
                           "use schedule.name: none, or give optimizer.lr with relative_step: false")
     stand_in = torch.nn.Linear(2, 2)
     build_optimizer(recipe, source, stand_in)
+
+
+def _check_zeroth_order(recipe: Recipe, source: str) -> None:
+    acc, cfg = recipe.accumulation, recipe.optimizer
+    if acc.fused or acc.mode == "standard":
+        raise RecipeError(source, "accumulation.fused" if acc.fused else "accumulation.mode",
+                          "ZerothOrder computes no gradient: use mode exact, fused false (k micro-batches share "
+                          "one perturbation)")
+    for key in ("lookahead", "ema", "layer_adaptation", "max_grad_norm"):
+        if getattr(cfg, key) is not None:
+            raise RecipeError(source, f"optimizer.{key}", "not available with ZerothOrder")
+    if recipe.regularization.gradient_penalty is not None:
+        raise RecipeError(source, "regularization.gradient_penalty", "ZerothOrder computes no gradient to penalise")
+    if cfg.objective == "accuracy" and recipe.model.task != "sequence-classification":
+        raise RecipeError(source, "optimizer.objective", "accuracy needs model.task: sequence-classification")
+    if cfg.objective not in ("loss", "accuracy"):
+        resolve_objective(recipe, source)
+
+
+def resolve_objective(recipe: Recipe, source: str):
+    """``optimizer.objective`` as a function (outputs, batch) -> float to minimise."""
+    name = recipe.optimizer.objective
+    if name == "loss":
+        return lambda outputs, batch: outputs.loss
+    if name == "accuracy":
+        return lambda outputs, batch: 1.0 - (outputs.logits.argmax(-1) == batch["labels"]).float().mean()
+    module, _, attr = name.rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise RecipeError(source, "optimizer.objective", f"cannot import {name!r} (allowed: loss, accuracy, or a "
+                          "dotted path to a function (outputs, batch) -> value to minimise)") from None
+    if not callable(function):
+        raise RecipeError(source, "optimizer.objective", f"{name!r} is not callable")
+    return function

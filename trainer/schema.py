@@ -134,6 +134,9 @@ class OptimizerConfig(Section):
     ema: EMAConfig | None = None
     layer_adaptation: LayerAdaptationConfig | None = None
     """Scale each tensor's update by its trust ratio ‖θ‖/‖u‖ (LAMB with AdamW); for large batches."""
+    objective: str = "loss"
+    """What ZerothOrder minimises: loss, accuracy (as 1 − accuracy; classification), or a dotted
+    path to a function (outputs, batch) -> value. It needs no gradient."""
     max_grad_norm: float | None = Field(default=None, gt=0)
     """Global gradient-norm clipping (standard mode only: it needs the averaged
     gradient; with fused accumulation use max_update_rms / clip_threshold)."""
@@ -141,6 +144,16 @@ class OptimizerConfig(Section):
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the optimizer class beyond lr and weight decay."""
         return dict(self.model_extra or {})
+
+
+class RegularizationConfig(Section):
+    flooding: float | None = Field(default=None, ge=0)
+    """Flood level b: train on |L − b| + b (the loss cannot be driven below b)."""
+    gradient_penalty: float | None = Field(default=None, gt=0)
+    """λ: add λ·‖∇L‖² per micro-batch (one more forward/backward, two transient parameter-size
+    copies; not with fused accumulation, FSDP2 or DeepSpeed)."""
+    penalty_radius: float = Field(default=1e-2, gt=0)
+    """Length r of the finite-difference step along the gradient."""
 
 
 class AccumulationConfig(Section):
@@ -205,6 +218,7 @@ class Recipe(Section):
     data: DataConfig
     optimizer: OptimizerConfig = OptimizerConfig()
     accumulation: AccumulationConfig = AccumulationConfig()
+    regularization: RegularizationConfig = RegularizationConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     eval: EvalConfig = EvalConfig()
     checkpointing: CheckpointConfig = CheckpointConfig()
