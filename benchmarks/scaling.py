@@ -422,10 +422,10 @@ def notes(res: dict) -> list[str]:
         out.append(f"Final loss: {'every row matches' if not differ else 'these rows differ from'} the 1-rank ddp "
                    f"run's {base['final_loss']:.6f} (relative tolerance 1e-4)" + (f": {', '.join(differ)}." if differ
                                                                                    else ".")
-                   + (" With AdamW, DDP's once-per-update averaging of the replicated state makes v the mean "
-                      "of the ranks' micro-batch gradient squares, not the square of the global micro-batch's "
-                      "gradient (by design, see tests/test_engines_trainer.py), so 2-rank ddp is not expected to "
-                      "match exactly." if any(d.startswith("ddp × ") for d in differ) else ""))
+                   + (" Expected for ddp with AdamW: averaging the replicated state once per update makes v the "
+                      "mean of the squares of the 2·k per-rank (half-size) micro-batch gradients, i.e. one process "
+                      "running those 2·k micro-batches, not the k full ones (docs/design.md §4); the sharded engines "
+                      "reduce gradients before the fold." if any(d.startswith("ddp × ") for d in differ) else ""))
     for n in res["ranks"]:
         same = [r for r in ok if r["ranks"] == n]
         if len(same) > 1:

@@ -11,7 +11,7 @@ perturbation gradient approximation", 1992 (SPSA); Malladi et al.,
 ``p·z`` estimates the gradient of the Gaussian-smoothed loss
 ``E_z[L(θ + ε·z)]``, which is also the policy gradient of a Gaussian "policy"
 over parameters, ``E[L(θ+εz)·z]/ε``, with an antithetic baseline (docs/design.md
-§8 measures the two side by side). The loss can be any number: a
+§7 measures the two side by side). The loss can be any number: a
 non-differentiable metric (1 − accuracy) optimises directly.
 
 ``step(closure)``: ``closure()`` evaluates the loss of the current micro-batch
