@@ -44,7 +44,7 @@ medians over the repeats. Each launch first waits (at most ``--wait-idle``
 seconds) for a >= 90% idle CPU. ``--code-ref HEAD`` runs leantrain as
 committed (``git archive`` into the temporary folder, first on PYTHONPATH),
 for a working tree that others are editing. The full default run takes about
-8–9 minutes on 2 cores and needs about 3.5 GiB of RAM at once. A failed run is reported in the table with its
+5–9 minutes on 2 cores and needs about 3.5 GiB of RAM at once. A failed run is reported in the table with its
 error line. Writes ``scaling.json`` (every run, every rank, per-op counters),
 ``scaling.md`` and ``scaling.png`` into ``--out``.
 """
