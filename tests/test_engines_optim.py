@@ -51,9 +51,12 @@ def test_zero_equals_one_process_on_the_global_batch(zero, stage):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_adafactor_under_zero_says_it_cannot_factor(zero, stage):
+    """Unfactored on a partition, so not the factored reference, but close to it and finite: ZeRO-3's
+    uninitialised padding, if left in the partition, made AdaFactor's partition RMS inf in 1 run of 3."""
     for rank in zero:
         case = rank[f"zero{stage}-adafactor"]
         assert case["micro_step"] == 12 and case["moved"] > 1e-3
+        assert case["diff"] < 0.05  # measured 0.014; NaN and inf fail this too
         assert len(case["warnings"]) == 1
         assert "cannot be factored" in case["warnings"][0] and "FSDP2" in case["warnings"][0]
 
