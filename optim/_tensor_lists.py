@@ -30,6 +30,24 @@ def chunks(tensors: list[torch.Tensor], max_numel: int = CHUNK_NUMEL) -> Iterato
         yield chunk
 
 
+def scale_(tensors: list[torch.Tensor], factor: float) -> None:
+    """tensors ← factor·tensors, the factor applied in fp32 whatever the tensors' dtype.
+
+    On CPU ``torch._foreach_mul_(tensors, 0.9)`` first rounds the Python scalar
+    to a bf16 list's own dtype (0.9 becomes 0.8984375), unlike ``Tensor.mul_``:
+    a bf16 momentum with beta1 = 0.9 would then decay with 0.898 and settle
+    1.5% too small. A 0-dim fp32 factor is applied in fp32 (measured: equal to
+    ``Tensor.mul_`` element for element). Full-precision lists keep the scalar
+    overload, which needs no tensor.
+    """
+    if not tensors:
+        return
+    if all(t.dtype in (torch.float32, torch.float64) for t in tensors):
+        torch._foreach_mul_(tensors, factor)
+        return
+    torch._foreach_mul_(tensors, torch.full((), factor, dtype=torch.float32, device=tensors[0].device))
+
+
 def clip_rms_(directions: list[torch.Tensor], max_rms: float | None, layouts: list[Layout | None] | None = None) -> None:
     """Scale each tensor in place so that its RMS is at most ``max_rms`` (None: no-op).
 

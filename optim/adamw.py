@@ -38,7 +38,7 @@ import torch
 from ._accumulating import AccumulatingOptimizer
 from ._checks import (check_betas, check_flag, check_lr, check_max_update_rms, check_number, check_only,
                       check_state_dtype, scalar)
-from ._tensor_lists import chunks, ema_split, step_along_ratio_
+from ._tensor_lists import chunks, ema_split, scale_, step_along_ratio_
 
 _FUSED_DEVICES = ("cpu", "cuda")
 
@@ -191,8 +191,8 @@ def _fused_kernel_applies(group: dict) -> bool:
 def _adamw_fold(exp_avgs, exp_avg_sqs, grads, *, decay1, decay2, weight1, weight2) -> None:
     """m ← decay1·m + weight1·g ;  v ← decay2·v + weight2·g²  (decay None: skip)."""
     if decay1 is not None:
-        torch._foreach_mul_(exp_avgs, decay1)
-        torch._foreach_mul_(exp_avg_sqs, decay2)
+        scale_(exp_avgs, decay1)
+        scale_(exp_avg_sqs, decay2)
     torch._foreach_add_(exp_avgs, grads, alpha=weight1)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=weight2)
 

@@ -35,7 +35,7 @@ import torch
 
 from ._accumulating import AccumulatingOptimizer
 from ._checks import check_lr, check_max_update_rms, check_number, check_state_dtype, scalar
-from ._tensor_lists import chunks, ema_split, step_along_ratio_
+from ._tensor_lists import chunks, ema_split, scale_, step_along_ratio_
 
 
 class AdaX(AccumulatingOptimizer):
@@ -95,8 +95,8 @@ class AdaX(AccumulatingOptimizer):
         decay2, weight2 = self._second_moment_split(group, t, j)
         m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         if decay:
-            torch._foreach_mul_(m, decay1)
-            torch._foreach_mul_(v, decay2)
+            scale_(m, decay1)
+            scale_(v, decay2)
         torch._foreach_add_(m, grads, alpha=weight1)
         torch._foreach_addcmul_(v, grads, grads, value=weight2)
 

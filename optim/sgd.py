@@ -30,7 +30,7 @@ import torch
 
 from ._accumulating import AccumulatingOptimizer
 from ._checks import check_lr, check_max_update_rms, check_number, check_only, check_state_dtype, scalar
-from ._tensor_lists import clip_rms_
+from ._tensor_lists import clip_rms_, scale_
 
 
 class SGD(AccumulatingOptimizer):
@@ -136,7 +136,7 @@ def _sgd_fold(bufs, grads, params, *, decay, weight, decay_share, weight_decay) 
     """b ← decay·b + decay_share·λθ (first fold of a cycle, ``decay`` not None); then b ← b + weight·g."""
     if decay is not None:
         if decay != 1.0:
-            torch._foreach_mul_(bufs, decay)
+            scale_(bufs, decay)
         if weight_decay:
             torch._foreach_add_(bufs, params, alpha=decay_share * weight_decay)
     torch._foreach_add_(bufs, grads, alpha=weight)
@@ -151,7 +151,7 @@ def _sgd_step(params, grads, bufs, *, lr, momentum, dampening, weight_decay, nes
         if first:
             torch._foreach_copy_(bufs, grads)
         else:
-            torch._foreach_mul_(bufs, momentum)
+            scale_(bufs, momentum)
             torch._foreach_add_(bufs, grads, alpha=1.0 - dampening)
         grads = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
     if max_update_rms is not None:

@@ -223,3 +223,23 @@ def test_deepcopy_of_wrappers_keeps_their_settings():
     twin = copy.deepcopy(opt)
     assert twin.updated and twin.base._k == 3 and twin.base.base.micro_step == 4
     assert twin.param_groups is twin.base.base.param_groups and twin.state is twin.base.base.state
+
+
+@pytest.mark.parametrize("make,key", [
+    (lambda p: optim.AdamW(p, lr=1e-3, momentum_dtype=torch.bfloat16, accum_steps=2), "exp_avg"),
+    (lambda p: optim.AdaX(p, lr=1e-3, momentum_dtype=torch.bfloat16, accum_steps=2), "exp_avg"),
+    (lambda p: optim.SGD(p, lr=1e-3, momentum=0.9, momentum_dtype=torch.bfloat16, accum_steps=2), "momentum_buffer"),
+    (lambda p: optim.AdaFactor(p, beta1=0.9, momentum_on="grad", momentum_dtype=torch.bfloat16, accum_steps=2),
+     "exp_avg"),
+], ids=["adamw", "adax", "sgd", "adafactor"])
+def test_bf16_momentum_decays_by_beta1_itself(make, key):
+    """A cycle of zero gradients leaves m = bf16(0.9·m): the factor is applied in fp32, not first rounded to
+    bf16 (0.8984375, which torch's foreach scalar ops on CPU would use: 1.5% too little momentum)."""
+    params = _params(torch.float32)
+    opt = make(params)
+    _steps(opt, params, grad_stream(2))
+    before = [opt.state[p][key].clone() for p in params]
+    _steps(opt, params, [[torch.zeros(s) for s in SHAPES]] * 2)
+    for p, m in zip(params, before):
+        assert opt.state[p][key].dtype == torch.bfloat16
+        assert torch.equal(opt.state[p][key], (m.float() * 0.9).bfloat16())
