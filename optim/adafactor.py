@@ -49,6 +49,7 @@ import math
 
 import torch
 
+from . import _adafactor_batched as batched
 from ._accumulating import AccumulatingOptimizer
 from ._checks import check_lr, check_number, check_state_dtype, scalar
 from ._sharding import GlobalSums, Layout, factored_stat_like, layout_of, local
@@ -187,11 +188,14 @@ class AdaFactor(AccumulatingOptimizer):
         k, mode = group["accum_steps"], group["accum_mode"]
         decay1, weight1 = ema_split(group["beta1"], k, mode, j)
         decay2, weight2 = ema_split(_beta2_at(group, t), k, mode, j)
-        for p, g, state, layout in zip(params, grads, states, layouts):
+        plan = _plan(group, params, layouts)
+        batched.fold_second_moments(plan, grads, states, decay=decay2 if decay else None, weight=weight2,
+                                    eps1=group["eps"][0], momentum=(decay1 if decay else None, weight1))
+        for i in plan.per_tensor:
             _fold_second_moment(
-                g, state, decay=decay2 if decay else None, weight=weight2, eps1=group["eps"][0],
-                factored=_factored(group, p), layout=layout,
-                momentum=(state["exp_avg"], decay1 if decay else None, weight1),
+                grads[i], states[i], decay=decay2 if decay else None, weight=weight2, eps1=group["eps"][0],
+                factored=_factored(group, params[i]), layout=layouts[i],
+                momentum=(states[i]["exp_avg"], decay1 if decay else None, weight1),
             )
 
     def _apply(self, group, params, states, *, t, layouts) -> None:
@@ -202,11 +206,17 @@ class AdaFactor(AccumulatingOptimizer):
     def _step_on_grad(self, group, params, grads, states, *, t, layouts) -> None:
         beta2_t = _beta2_at(group, t)
         grads = [g.float() if g.dtype not in (torch.float32, torch.float64) else g for g in grads]
-        for p, g, state, layout in zip(params, grads, states, layouts):
-            _fold_second_moment(g, state, decay=beta2_t, weight=1.0 - beta2_t, eps1=group["eps"][0],
-                                factored=_factored(group, p), layout=layout)
+        plan = _plan(group, params, layouts)
+        batched.fold_second_moments(plan, grads, states, decay=beta2_t, weight=1.0 - beta2_t, eps1=group["eps"][0])
+        for i in plan.per_tensor:
+            _fold_second_moment(grads[i], states[i], decay=beta2_t, weight=1.0 - beta2_t, eps1=group["eps"][0],
+                                factored=_factored(group, params[i]), layout=layouts[i])
         _precondition_and_step(group, params, grads, states, layouts, t=t, direction_scale=1.0,
                                momentum_on_update=group["beta1"] is not None)
+
+
+def _plan(group: dict, params: list, layouts: list) -> batched.Plan:
+    return batched.plan(params, layouts, lambda p: _factored(group, p))
 
 
 def _factored(group: dict, param: torch.Tensor) -> bool:
@@ -402,8 +412,16 @@ def _precondition_and_step(group, params, directions, states, layouts, *, t, dir
     ``direction_scale`` multiplies U (1/bias1 for the gradient momentum);
     ``momentum_on_update``: transformers' form, m ← β1·m + (1−β1)·lr_t·U, θ ← θ − m.
     """
-    sums = GlobalSums()
     v_scale = _v_scale(group, t)
+    plan = _plan(group, params, layouts)
+    batched.precondition_and_step(plan, group, params, directions, states, t=t, v_scale=v_scale,
+                                  direction_scale=direction_scale, momentum_on_update=momentum_on_update,
+                                  lr_at=lambda theta_rms, like: _lr_at(group, t, theta_rms, like))
+    if not plan.per_tensor:
+        return
+    params, directions, states, layouts = ([items[i] for i in plan.per_tensor]
+                                           for items in (params, directions, states, layouts))
+    sums = GlobalSums()
     pre = [_Preconditioned(p, d, s, _factored(group, p), v_scale, layout, sums, param_scale=group["scale_parameter"])
            for p, d, s, layout in zip(params, directions, states, layouts)]
     sums.finish()

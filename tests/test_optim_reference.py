@@ -282,3 +282,35 @@ def test_adafactor_blocked_statistics_match_a_direct_reduction():
         target = torch.zeros(shape)
         update.add_to(target, torch.tensor(-0.5))
         torch.testing.assert_close(target, -0.5 * direct, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("settings", [
+    {},
+    {"beta1": 0.9, "weight_decay": 0.1},
+    {"beta1": 0.9, "momentum_on": "grad", "momentum_dtype": torch.bfloat16, "weight_decay": 0.1},
+    {"lr": 1e-2, "relative_step": False, "scale_parameter": False, "beta2": 0.99, "beta1": 0.9, "momentum_on": "grad"},
+], ids=["transformers_defaults", "update_momentum_wd", "grad_momentum_bf16", "fixed_beta2"])
+def test_adafactor_stacked_buckets_equal_the_per_tensor_path(monkeypatch, settings, k):
+    """Same-shaped tensors stacked (and 1-D ones as foreach lists) give the per-tensor path's result bit for bit."""
+    from tiny_models import tiny_gpt2, token_batches
+
+    from leantrain.optim import _adafactor_batched
+
+    runs = []
+    for budget in (_adafactor_batched.BATCH_ELEMENTS, 0):  # 0: every tensor on the per-tensor path
+        monkeypatch.setattr(_adafactor_batched, "BATCH_ELEMENTS", budget)
+        model = tiny_gpt2()
+        opt = optim.AdaFactor(model.parameters(), accum_steps=k, **settings)
+        for ids in token_batches(3 * k):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append((list(model.parameters()), opt.state_dict()["state"]))
+    (stacked, stacked_state), (single, single_state) = runs
+    for a, b in zip(stacked, single):
+        assert torch.equal(a, b)
+    for i, state in single_state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(stacked_state[i][key], value), key
