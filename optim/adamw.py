@@ -21,6 +21,9 @@ With k = 1, fp32 contiguous real parameters and state, and no lazy rows this
 dispatches to torch's fused AdamW kernel (one pass over memory instead of ~9
 for the multi-tensor path; 5× faster on CPU); a test shows both paths agree.
 ``max_update_rms`` clips each tensor's ``m̂/(√v̂+ε)`` to that RMS.
+``compiled=True`` runs the k > 1 folds and the boundary update through
+``torch.compile`` (``_compiled``): one pass per tensor, about torch's fused
+kernel's time, after a compile on first use.
 
 torch's keywords are all accepted: ``maximize`` and ``amsgrad`` are
 implemented; ``foreach`` (None/True: leantrain is multi-tensor), ``fused``
@@ -35,6 +38,7 @@ import math
 
 import torch
 
+from . import _compiled
 from ._accumulating import AccumulatingOptimizer
 from ._checks import (check_betas, check_flag, check_lr, check_max_update_rms, check_number, check_only,
                       check_state_dtype, scalar)
@@ -67,6 +71,7 @@ class AdamW(AccumulatingOptimizer):
         fused: bool | None = None,
         momentum_dtype: torch.dtype | None = None,
         max_update_rms: float | None = None,
+        compiled: bool = False,
         **common,
     ) -> None:
         defaults = dict(
@@ -83,6 +88,7 @@ class AdamW(AccumulatingOptimizer):
             fused=check_only("fused", fused, (None, True, False), "expected None, True or False"),
             momentum_dtype=check_state_dtype("momentum_dtype", momentum_dtype),
             max_update_rms=check_max_update_rms(max_update_rms),
+            compiled=check_flag("compiled", compiled),
         )
         super().__init__(params, defaults, maximize=maximize, **common)
 
@@ -92,6 +98,8 @@ class AdamW(AccumulatingOptimizer):
                 "fused=True: torch's fused AdamW kernel applies only with accum_steps=1, fp32 (or default) "
                 "momentum_dtype, no lazy_rows or max_update_rms, and contiguous real fp32 parameters on CPU "
                 "or CUDA; use fused=None to take it where it applies")
+        if group["compiled"]:
+            _check_compilable(group)
         super()._validate_group(group)
 
     def _embeds(self, group: dict) -> bool:
@@ -117,14 +125,56 @@ class AdamW(AccumulatingOptimizer):
         k, mode = group["accum_steps"], group["accum_mode"]
         decay1, weight1 = ema_split(beta1, k, mode, j)
         decay2, weight2 = ema_split(beta2, k, mode, j)
-        _adamw_fold(
+        if self._defers_last_fold(group, params, layouts, j=j, decay=decay):
+            self._deferred_fold.update((id(p), (g, weight1, weight2)) for p, g in zip(params, grads))
+            return
+        # The fused-backward hooks fold one tensor at a time: a graph per tensor would cost more than it saves.
+        fold = _compiled.adamw_fold if group["compiled"] and len(params) > 1 else _adamw_fold
+        fold(
             [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], grads,
             decay1=decay1 if decay else None, decay2=decay2 if decay else None,
             weight1=weight1, weight2=weight2,
         )
 
+    def _defers_last_fold(self, group, params, layouts, *, j: int, decay: bool) -> bool:
+        """Whether this fold, the last of a cycle in an unfused step(), is left to the update (compiled only).
+
+        Only plain tensors (no shard, no complex view: the update finds them again by identity), folded
+        without a decay (a parameter whose first gradient of the cycle comes last folds now), without
+        replicated state (averaged over ranks between fold and update).
+        """
+        return (group["compiled"] and len(params) > 1 and not decay and j == group["accum_steps"] - 1
+                and self.next_step_updates and self._replica_group is None
+                and all(layout is None for layout in layouts) and not any(p.is_complex() for p in group["params"]))
+
+    def _update_cycle(self, groups: list[dict]) -> None:
+        super()._update_cycle(groups)
+        if self._deferred_fold:  # every parameter folded in the cycle is updated: nothing can be left
+            raise RuntimeError(f"AdamW: {len(self._deferred_fold)} deferred folds were not applied")
+
+    @property
+    def _deferred_fold(self) -> dict:
+        """id(parameter) → (gradient, weight1, weight2) of folds left to this step()'s update; empty between calls."""
+        return self.__dict__.setdefault("_deferred", {})
+
     def _apply(self, group, params, states, *, t, layouts) -> None:
         beta1, beta2 = (scalar(b) for b in group["betas"])
+        if group["compiled"]:  # one pass per tensor and no temporaries: no chunks needed
+            lr = scalar(group["lr"])
+            ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+            update = dict(keep=1.0 - lr * scalar(group["weight_decay"]), step=lr / (1.0 - beta1**t),
+                          bias2_sqrt=math.sqrt(1.0 - beta2**t), eps=scalar(group["eps"]))
+            pending = [self._deferred_fold.pop(id(p), None) for p in params]
+            if pending and all(pending) and len({(w1, w2) for _, w1, w2 in pending}) == 1:
+                _compiled.adamw_fold_and_apply(params, ms, vs, [g for g, _, _ in pending], weight1=pending[0][1],
+                                               weight2=pending[0][2], **update)
+                return
+            for i, fold in enumerate(pending):  # a partial match: fold those one by one, then update
+                if fold is not None:
+                    _adamw_fold([ms[i]], [vs[i]], [fold[0]], decay1=None, decay2=None, weight1=fold[1],
+                                weight2=fold[2])
+            _compiled.adamw_apply(params, ms, vs, **update)
+            return
         for idx in chunks(params):
             second = [states[i]["exp_avg_sq"] for i in idx]
             if group["amsgrad"]:
@@ -186,6 +236,20 @@ def _fused_kernel_applies(group: dict) -> bool:
             for p in group["params"]
         )
     )
+
+
+def _check_compilable(group: dict) -> None:
+    """``compiled=True`` covers plain AdamW on fp32/float64 parameters; anything else is refused, not ignored."""
+    unsupported = [name for name, on in (("amsgrad", group["amsgrad"]), ("max_update_rms", group["max_update_rms"]),
+                                         ("lazy_rows", group["lazy_rows"]),
+                                         ("layer_adaptation", group.get("layer_adaptation"))) if on]
+    if unsupported:
+        raise ValueError(f"compiled=True: not with {', '.join(unsupported)} (the compiled update is plain AdamW); "
+                         "use compiled=False for this group")
+    low = [p.dtype for p in group["params"] if p.dtype not in (torch.float32, torch.float64) and not p.is_complex()]
+    if low:
+        raise ValueError(f"compiled=True: a {low[0]} parameter is updated through fp32 working copies chunk by "
+                         "chunk, which the compiled update does not do; use compiled=False or fp32 parameters")
 
 
 def _adamw_fold(exp_avgs, exp_avg_sqs, grads, *, decay1, decay2, weight1, weight2) -> None:

@@ -48,6 +48,9 @@ class LayerAdaptation(OptimizerWrapper):
             if group.get("lr") is None:
                 raise ValueError("LayerAdaptation: lr=None (AdaFactor's relative step): the trust ratio scales "
                                  "updates to lr·‖θ‖; give an lr with relative_step=False")
+            if group.get("compiled"):
+                raise ValueError("LayerAdaptation: base has compiled=True, whose update is plain AdamW with no "
+                                 "per-tensor step to rescale; use compiled=False")
         self._max = None if max_trust_ratio is None else check_number("max_trust_ratio", max_trust_ratio,
                                                                       low=0.0, low_open=True)
         self._exclude_1d = check_flag("exclude_1d", exclude_1d)
