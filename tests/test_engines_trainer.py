@@ -180,3 +180,26 @@ def test_fused_under_deepspeed_is_refused_in_one_line(workdir, tmp_path):
     recipe = _recipe(root, files, "run-zero-fused", {"name": "AdamW", "lr": 3e-3}, accumulation={"fused": True})
     done = _launch("zero2", recipe, f"output_dir={tmp_path / 'z'}")
     _assert_one_line_refusal(done, "accumulation.fused: true under DeepSpeed ZeRO")
+
+
+@pytest.mark.parametrize("config,engine", [("fsdp2", "FSDP2"), ("zero2", "DeepSpeed")])
+def test_model_compile_under_a_sharding_engine_is_refused_in_one_line(workdir, tmp_path, config, engine):
+    root, files = workdir
+    recipe = _recipe(root, files, f"run-compile-{config}", {"name": "AdamW", "lr": 3e-3})
+    done = _launch(config, recipe, f"output_dir={tmp_path / 'c'}", "model.compile=true")
+    _assert_one_line_refusal(done, f"model.compile: true under {engine}")
+
+
+def test_a_compiled_model_trains_the_same_curve(workdir, tmp_path):
+    """model.compile (one process) against the uncompiled reference run: the same losses to float rounding."""
+    root, files = workdir
+    recipe = _recipe(root, files, "run-compiled", {"name": "AdamW", "lr": 3e-3})
+    losses, _, _ = _single_process(recipe, tmp_path)
+    out = tmp_path / "compiled"
+    done = subprocess.run([sys.executable, "-m", "leantrain.trainer", str(recipe), f"output_dir={out}",
+                           "data.micro_batch_size=4", "model.compile=true"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(compiled) == len(losses) == 3
+    assert compiled == pytest.approx(losses, rel=1e-5)

@@ -31,6 +31,9 @@ class ModelConfig(Section):
     optimizers then update them in fp32 with stochastic rounding."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less activation memory, ~30% more compute."""
+    compile: bool = False
+    """``torch.compile`` the model (ddp engine and single process): faster steps after a
+    compile of tens of seconds at the first micro-batches (benchmarks/compile.py)."""
     num_labels: int | None = None
     """Classes for sequence classification (default: inferred from the training labels)."""
 

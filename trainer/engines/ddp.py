@@ -7,6 +7,9 @@
   optimizer averages its accumulated buffers once per update
   (``replicated_over``, docs/design.md §4). Fused accumulation works with any
   number of processes.
+
+``model.compile: true`` compiles the prepared model in place (``Module.compile``:
+the module and its state-dict keys stay as they are, so checkpoints do not change).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ class DDPEngine(Engine):
     def prepare(self, model, make_optimizer):
         self.optimizer = make_optimizer(model)
         model, stepper = self.accelerator.prepare(model, self.optimizer)
+        if self.recipe.model.compile:
+            model.compile()
         inner = self.inner_optimizer
         if self.accelerator.num_processes > 1 and self.embedded and hasattr(inner, "replicated_over"):
             inner.replicated_over()

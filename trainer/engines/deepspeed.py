@@ -38,6 +38,10 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, recipe, source) -> None:
         super().__init__(recipe, source)
+        if recipe.model.compile:
+            raise RecipeError(source, "model.compile", "true under DeepSpeed: compiling a sharded model needs "
+                              "per-block compilation, which leantrain does not do yet; use the ddp engine or "
+                              "model.compile: false")
         if recipe.accumulation.fused:
             raise RecipeError(source, "accumulation.fused", "true under DeepSpeed ZeRO: DeepSpeed reduces and "
                               "partitions the gradients itself, so hooks cannot fold them; use fused: false (ZeRO-2/3 "

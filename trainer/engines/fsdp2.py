@@ -47,6 +47,10 @@ class FSDP2Engine(Engine):
 
     def __init__(self, recipe, source) -> None:
         super().__init__(recipe, source)
+        if recipe.model.compile:
+            raise RecipeError(source, "model.compile", "true under FSDP2: compiling a sharded model needs "
+                              "per-block compilation, which leantrain does not do yet; use the ddp engine or "
+                              "model.compile: false")
         self.reshard_after_forward = _flag("FSDP_RESHARD_AFTER_FORWARD", "true")
         self.offload_params = _flag("FSDP_OFFLOAD_PARAMS")
         self.wrap_classes = [c.strip() for c in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip()]
