@@ -1,6 +1,6 @@
 """Peak memory and micro-step time of GPT-2-small training, standard vs fused accumulation.
 
-    /opt/ltvenv/bin/python benchmarks/memory.py [--device cpu|cuda] [--repeats 3] [--configs a,b] [--seq 128] [--k 8]
+    python benchmarks/memory.py [--device cpu|cuda] [--repeats 3] [--configs a,b] [--seq 128] [--k 8]
                                                 [--wait-idle 120]
 
 Model: ``GPT2LMHeadModel(GPT2Config())`` (124.4M parameters, wte/lm_head tied),
@@ -325,7 +325,7 @@ def main() -> None:
                 print(f"[{repeat + 1}/{args.repeats}] {name}: {got} ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = {n: summarise(n, runs[n]) for n in names}
     first = next((r for r in rows.values() if "error" not in r), {})
-    res = dict(command=" ".join(["/opt/ltvenv/bin/python benchmarks/memory.py", *sys.argv[1:]]),
+    res = dict(command=" ".join(["python benchmarks/memory.py", *sys.argv[1:]]),
                device=args.device, seq=args.seq, k=args.k, repeats=args.repeats, params=first.get("params"),
                torch=first.get("torch"), transformers=first.get("transformers"), threads=first.get("threads"),
                machine=machine(), rows=rows)
