@@ -91,3 +91,32 @@ def test_zeroth_order_refusals(tmp_path, files):
         train(tiny_lm_recipe(tmp_path, files, optimizer={"name": "AdamW", "objective": "accuracy"}), "t")
     with pytest.raises(RecipeError, match=r"optimizer.objective: accuracy needs model.task: sequence-classification"):
         train(tiny_lm_recipe(tmp_path, files, optimizer={"name": "ZerothOrder", "objective": "accuracy"}), "t")
+
+
+def doubled_loss(outputs, batch):
+    """A user objective for the test below: twice the model's loss."""
+    return 2.0 * outputs.loss
+
+
+def test_a_component_objective_is_what_zeroth_order_minimises(tmp_path, files):
+    """SPSA's step is linear in the objective: 2·L at lr/2 moves θ exactly as L at lr, so the logged
+    objective is twice the loss run's at every update (and the user's function was really called)."""
+    common = dict(max_updates=3, data__micro_batch_size=4)
+    plain = tmp_path / "plain"
+    train(tiny_lm_recipe(plain, files, optimizer={"name": "ZerothOrder", "lr": 2e-3, "perturbations": 2}, **common),
+          "test")
+    reset_accelerate()
+    doubled = tmp_path / "doubled"
+    train(tiny_lm_recipe(doubled, files, optimizer={
+        "name": "ZerothOrder", "lr": 1e-3, "perturbations": 2,
+        "objective": {"_component_": "test_regularization.doubled_loss"}}, **common), "test")
+    plain_losses = [m["loss"] for m in metrics(plain)]
+    assert len(plain_losses) == 3 and len(set(plain_losses)) == 3  # the parameters moved
+    assert [m["loss"] for m in metrics(doubled)] == pytest.approx([2 * v for v in plain_losses], rel=1e-6)
+
+
+def test_an_objective_that_cannot_be_imported_is_refused(tmp_path, files):
+    recipe = tiny_lm_recipe(tmp_path, files, optimizer={"name": "ZerothOrder",
+                                                        "objective": {"_component_": "no_such_module.error_rate"}})
+    with pytest.raises(RecipeError, match=r"optimizer.objective: cannot import 'no_such_module.error_rate'"):
+        train(recipe, "test")

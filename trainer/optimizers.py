@@ -10,7 +10,7 @@ import torch
 from leantrain import optim
 
 from .errors import RecipeError
-from .schema import Recipe
+from .schema import ComponentRef, Recipe
 
 LEANTRAIN_OPTIMIZERS = {"SGD": optim.SGD, "AdamW": optim.AdamW, "AdaFactor": optim.AdaFactor, "AdaX": optim.AdaX,
                         "ZerothOrder": optim.ZerothOrder}
@@ -158,7 +158,7 @@ def check_combinations(recipe: Recipe, source: str) -> None:
     if is_zeroth_order(cls):
         _check_zeroth_order(recipe, source)
     elif recipe.optimizer.objective != "loss":
-        raise RecipeError(source, "optimizer.objective", f"{recipe.optimizer.objective!r} has no gradient; only "
+        raise RecipeError(source, "optimizer.objective", f"{_objective_name(recipe)!r} has no gradient; only "
                           "optimizer.name: ZerothOrder optimises an objective other than the loss")
     if reg.gradient_penalty is not None and acc.fused:
         raise RecipeError(source, "regularization.gradient_penalty", "cannot compose with fused accumulation: the "
@@ -199,13 +199,18 @@ def _check_zeroth_order(recipe: Recipe, source: str) -> None:
         raise RecipeError(source, "regularization.gradient_penalty", "ZerothOrder computes no gradient to penalise")
     if cfg.objective == "accuracy" and recipe.model.task != "sequence-classification":
         raise RecipeError(source, "optimizer.objective", "accuracy needs model.task: sequence-classification")
-    if cfg.objective not in ("loss", "accuracy"):
+    if isinstance(cfg.objective, ComponentRef) or cfg.objective not in ("loss", "accuracy"):
         resolve_objective(recipe, source)
+
+
+def _objective_name(recipe: Recipe) -> str:
+    objective = recipe.optimizer.objective
+    return objective.component if isinstance(objective, ComponentRef) else objective
 
 
 def resolve_objective(recipe: Recipe, source: str):
     """``optimizer.objective`` as a function (outputs, batch) -> float to minimise."""
-    name = recipe.optimizer.objective
+    name = _objective_name(recipe)
     if name == "loss":
         return lambda outputs, batch: outputs.loss
     if name == "accuracy":

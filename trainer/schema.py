@@ -111,6 +111,11 @@ class LayerAdaptationConfig(Section):
     """Biases and norm scales keep their plain update."""
 
 
+class ComponentRef(Section):
+    component: str = Field(alias="_component_")
+    """Dotted path to a function or class (``my_pkg.metrics.error_rate``)."""
+
+
 class ParamGroupRule(Section):
     pattern: str
     """Regular expression matched (``re.search``) against parameter names; first match wins."""
@@ -137,9 +142,10 @@ class OptimizerConfig(Section):
     ema: EMAConfig | None = None
     layer_adaptation: LayerAdaptationConfig | None = None
     """Scale each tensor's update by its trust ratio ‖θ‖/‖u‖ (LAMB with AdamW); for large batches."""
-    objective: str = "loss"
-    """What ZerothOrder minimises: loss, accuracy (as 1 − accuracy; classification), or a dotted
-    path to a function (outputs, batch) -> value. It needs no gradient."""
+    objective: str | ComponentRef = "loss"
+    """What ZerothOrder minimises: loss, accuracy (as 1 − accuracy; classification), or a function
+    (outputs, batch) -> value given as ``{_component_: dotted.path}`` or as the dotted path itself.
+    It needs no gradient."""
     max_grad_norm: float | None = Field(default=None, gt=0)
     """Global gradient-norm clipping (standard mode only: it needs the averaged
     gradient; with fused accumulation use max_update_rms / clip_threshold)."""
