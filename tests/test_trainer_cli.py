@@ -75,6 +75,10 @@ def test_estimate_and_validate_commands(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "AdamW, exact fused, k=4" in out.stdout and "AdamW, standard accumulation" in out.stdout
     assert "12.00 B/param" in out.stdout and "16.00 B/param" in out.stdout
+    by_launch_name = _run([SCRIPT, "estimate", str(recipe), "--engine", "zero2", "--ranks", "2"])
+    by_engine_name = _run([SCRIPT, "estimate", str(recipe), "--engine", "deepspeed-zero2", "--ranks", "2"])
+    assert by_launch_name.returncode == 0, by_launch_name.stderr
+    assert by_launch_name.stdout == by_engine_name.stdout and "deepspeed-zero2" in by_launch_name.stdout
     out = _run([sys.executable, "-m", "leantrain.trainer", "validate", str(recipe), "optimizer.lr=1e-4"])
     assert out.returncode == 0 and out.stdout.strip() == f"{recipe}: valid"
 

@@ -27,9 +27,10 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("recipe", nargs="?", default=None, help="recipe YAML, or a shipped recipe name (quickstart)")
         cmd.add_argument("overrides", nargs="*", help="section.key=value, e.g. optimizer.lr=3e-4 accumulation.steps=16")
         if name == "estimate":
-            from .estimate import ENGINES
+            from .estimate import ENGINES, LAUNCH_ENGINE_NAMES
 
-            cmd.add_argument("--engine", default="ddp", choices=ENGINES, help="how the state is laid out (default ddp)")
+            cmd.add_argument("--engine", default="ddp", choices=ENGINES + tuple(LAUNCH_ENGINE_NAMES),
+                             help="how the state is laid out (default ddp; leantrain launch's names work too)")
             cmd.add_argument("--ranks", type=_positive, default=1, help="number of processes (default 1)")
     from leantrain.launch.cli import add_arguments
 
@@ -84,9 +85,12 @@ def run(argv: list[str]) -> int:
 
         check_combinations(recipe, source)
         require_config(recipe, source)
+        from .estimate import LAUNCH_ENGINE_NAMES
+
+        engine = LAUNCH_ENGINE_NAMES.get(args.engine, args.engine)
         with loading_errors(source, "model.name_or_path", "the model config"):
-            estimates = estimate_recipe(recipe, source, engine=args.engine, ranks=args.ranks)
-        print(format_table(estimates, engine=args.engine, ranks=args.ranks))
+            estimates = estimate_recipe(recipe, source, engine=engine, ranks=args.ranks)
+        print(format_table(estimates, engine=engine, ranks=args.ranks))
         return 0
     from .loop import train
 

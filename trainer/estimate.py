@@ -33,6 +33,10 @@ from .optimizers import build_optimizer, embeds_accumulation
 from .schema import Recipe
 
 ENGINES = ("ddp", "fsdp2", "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3")
+# ``leantrain launch --engine`` names the shipped accelerate configs (zero2, zero3_offload); the estimate
+# accepts those too. Offload moves the optimizer state to host memory but not its size per rank.
+LAUNCH_ENGINE_NAMES = {"zero1": "deepspeed-zero1", "zero2": "deepspeed-zero2", "zero3": "deepspeed-zero3",
+                       "zero2_offload": "deepspeed-zero2", "zero3_offload": "deepspeed-zero3"}
 _PER_TENSOR_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col", "RMS")  # AdaFactor's non-elementwise state
 
 
