@@ -78,6 +78,21 @@ def test_each_step_has_norm_lr_times_the_weight_norm():
                 assert (p.detach() - b).norm().item() == pytest.approx(0.05 * b.norm().item(), rel=1e-12)
 
 
+def test_the_ratio_is_one_where_a_norm_is_zero():
+    """A zero tensor (‖θ‖ = 0) and a tensor whose update is zero (‖u‖ = 0) take the wrapped optimizer's step."""
+    zero, moving = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True), torch.ones(2, 5, dtype=torch.float64,
+                                                                                        requires_grad=True)
+    twin_zero, twin_moving = zero.detach().clone().requires_grad_(), moving.detach().clone().requires_grad_()
+    opt = optim.LayerAdaptation(optim.SGD([zero, moving], lr=0.1))
+    ref = optim.SGD([twin_zero, twin_moving], lr=0.1)
+    for o, (z, m) in ((opt, (zero, moving)), (ref, (twin_zero, twin_moving))):
+        z.grad = torch.full((3, 4), 0.5, dtype=torch.float64)  # θ = 0: ‖θ‖/‖u‖ would stop it forever
+        m.grad = torch.zeros(2, 5, dtype=torch.float64)  # u = 0: the ratio would divide by zero
+        o.step()
+    assert torch.equal(zero, twin_zero) and zero.abs().sum() > 0
+    assert torch.equal(moving, twin_moving) and torch.isfinite(moving).all()
+
+
 def test_composes_with_fused_ema_mode_lookahead_and_ema_weights():
     """Fused equals unfused (ema mode, k=4) under Lookahead and EMA wrappers, on a tied GPT-2."""
     batches = token_batches(12)
@@ -109,3 +124,27 @@ def test_refusals():
         optim.LayerAdaptation(torch.optim.SGD(p, lr=0.1))
     with pytest.raises(ValueError, match=r"max_trust_ratio=0: allowed range"):
         optim.LayerAdaptation(optim.AdamW(p), max_trust_ratio=0)
+
+
+def test_through_the_trainer_each_matrix_moves_lr_times_its_norm(tmp_path):
+    """optimizer.layer_adaptation in a recipe: between updates 1 and 2 of a real run (AdamW, decoupled decay,
+    constant lr), every matrix moves by exactly lr·‖θ‖ — the LAMB property, end to end."""
+    from safetensors.torch import load_file
+    from trainer_helpers import reset_accelerate, tiny_lm_recipe, write_text_files
+
+    from leantrain.trainer.loop import train
+
+    (tmp_path / "text").mkdir()
+    files = write_text_files(tmp_path / "text")
+    lr, finals = 1e-2, []
+    for updates in (1, 2):
+        out = tmp_path / f"u{updates}"
+        train(tiny_lm_recipe(out, files, max_updates=updates, data__micro_batch_size=4, schedule={"name": "constant"},
+                             optimizer={"name": "AdamW", "lr": lr, "weight_decay": 0.1, "layer_adaptation": {}}), "t")
+        reset_accelerate()
+        finals.append(load_file(str(out / "final" / "model.safetensors")))
+    matrices = [name for name, t in finals[0].items() if t.dim() == 2]
+    assert len(matrices) >= 6
+    for name in matrices:
+        before, after = finals[0][name], finals[1][name]
+        assert (after - before).norm() / before.norm() == pytest.approx(lr, rel=1e-4), name

@@ -128,17 +128,18 @@ def test_missing_micro_step_equals_a_zero_gradient(case, mode, fused):
     assert_close_lists(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
-def test_parameter_without_gradient_in_a_cycle_is_untouched(case):
+def test_parameter_without_gradient_in_a_cycle_is_untouched(case, fused):
     params = _params()
     opt = case.build(params, accum_steps=K)
     stream = _stream()
-    _run_ours(opt, params, stream[:2 * K], zeros_for_missing=False)  # cycles 0 and 1
+    _run_ours(opt, params, stream[:2 * K], zeros_for_missing=False, fused=fused)  # cycles 0 and 1
     before = params[0].detach().clone()
     state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[params[0]].items()}
     for s in range(2 * K, 3 * K):  # cycle 2: tensor 0 has no gradient
         assert not _has_grad(0, s)
-    _run_ours(opt, params, stream[2 * K:3 * K], zeros_for_missing=False, start=2 * K)
+    _run_ours(opt, params, stream[2 * K:3 * K], zeros_for_missing=False, fused=fused, start=2 * K)
     assert torch.equal(params[0], before)
     for key, value in opt.state[params[0]].items():
         if key != "cycle":

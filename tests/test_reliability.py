@@ -126,8 +126,7 @@ def test_bad_data_is_one_line_for_validate(tmp_path, capsys, case):
     assert errors[0].startswith("leantrain: error: ") and fragment in errors[0], errors[0]
 
 
-@pytest.mark.parametrize("case", ["malformed-json", "latin-1-text", "label-outside-num-labels",
-                                  "max-length-beyond-positions"])
+@pytest.mark.parametrize("case", list(BAD_DATA))
 def test_bad_data_stops_train_before_any_step(tmp_path, capsys, case):
     name, content, overrides, fragment = BAD_DATA[case]
     recipe = _recipe(tmp_path / "r.yaml", tmp_path / "out", {"train": _write(tmp_path / name, content)}, **overrides)
