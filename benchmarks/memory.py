@@ -208,8 +208,10 @@ def summarise(name: str, runs: list[dict]) -> dict:
     return row
 
 
-def targets(rows: dict) -> list[tuple[str, str, str]]:
-    """(target, measured, PASS/FAIL/n/a) for the four targets."""
+def targets(rows: dict, device: str) -> list[tuple[str, str, str]]:
+    """(target, measured, PASS/FAIL/n/a) for each target. A fused micro-step may cost 5% over the unfused one
+    on a GPU and 10% on a CPU (where the hooks' per-tensor Python dispatch is not hidden behind kernels)."""
+    step_limit = 1.05 if device == "cuda" else 1.10
     def check(label, names, measure, limit, note=lambda: ""):
         if any(n not in rows or "error" in rows[n] for n in names):
             return (label, "not run", "n/a")
@@ -225,9 +227,14 @@ def targets(rows: dict) -> list[tuple[str, str, str]]:
               ["leantrain_adafactor_bf16m_fused", BASELINE],
               lambda: rows["leantrain_adafactor_bf16m_fused"]["peak_mib"] / rows[BASELINE]["peak_mib"], 0.55),
     ]
+    if device == "cuda":
+        out.append(check(f"CUDA max allocated leantrain_adafactor_bf16m_fused / {BASELINE} <= 0.5",
+                         ["leantrain_adafactor_bf16m_fused", BASELINE],
+                         lambda: rows["leantrain_adafactor_bf16m_fused"]["cuda_max_allocated"]
+                         / rows[BASELINE]["cuda_max_allocated"], 0.5))
     for fused, unfused in PAIRS:
-        out.append(check(f"ms/micro-step {fused} / {unfused} <= 1.05", [fused, unfused],
-                         lambda f=fused, u=unfused: rows[f]["median_ms"] / rows[u]["median_ms"], 1.05,
+        out.append(check(f"ms/micro-step {fused} / {unfused} <= {step_limit}", [fused, unfused],
+                         lambda f=fused, u=unfused: rows[f]["median_ms"] / rows[u]["median_ms"], step_limit,
                          lambda f=fused, u=unfused: f" (fastest runs: {rows[f]['best_ms'] / rows[u]['best_ms']:.3f})"))
     return out
 
@@ -329,7 +336,7 @@ def main() -> None:
                device=args.device, seq=args.seq, k=args.k, repeats=args.repeats, params=first.get("params"),
                torch=first.get("torch"), transformers=first.get("transformers"), threads=first.get("threads"),
                machine=machine(), rows=rows)
-    res["targets"] = targets(rows)
+    res["targets"] = targets(rows, args.device)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "memory.json").write_text(json.dumps(res, indent=1))
     table = markdown(res)
