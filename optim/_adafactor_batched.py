@@ -1,26 +1,30 @@
 """AdaFactor over many small tensors at once: same-shaped tensors stacked, 1-D ones as foreach lists.
 
 A transformer repeats the same few shapes in every layer. Run one tensor at a
-time, AdaFactor dispatches about 40 kernels per tensor per update (measured on
-a 2-layer GPT-2: 916 for 48 tensors, 4756 with 12 layers). Here the factored
-tensors of one shape are stacked into a bucket and the statistics, the
-preconditioned direction and the per-tensor scalars of the whole bucket are
-computed by one kernel each; unfactored tensors (biases, norms) go through
-``torch._foreach_*`` lists. The kernel count then depends on the number of
-distinct shapes, not on depth (tests/test_host_syncs.py counts it against
-torch's foreach Adafactor).
+time, AdaFactor dispatches about 33 kernels per tensor per update (measured:
+916 for a 2-layer GPT-2's 28 tensors, 4756 for 12 layers' 148). Here the
+factored tensors of one shape are stacked into a bucket and the statistics,
+the preconditioned direction and the per-tensor scalars of the whole bucket
+are computed by one kernel each; unfactored tensors (biases, norms) go
+through ``torch._foreach_*`` lists. While each shape's tensors fit one bucket,
+the kernel count depends on the number of distinct shapes, not on depth
+(tests/test_host_syncs.py counts it against torch's foreach Adafactor on a
+small GPT-2); a shape whose tensors fill several buckets adds kernels per
+bucket.
 
 Cost: stacking copies, and a stacked bucket is reduced in one unblocked
-pass where the per-tensor path reads each tensor in cache-sized row blocks.
-That trade pays where a kernel launch costs as much as the kernel: on a GPU,
-tensors up to a few million elements; on a CPU only small ones (measured on
-GPT-2-small-shaped parameters, 2 cores: buckets of up to 4 Mi elements made the
-step 484 ms against 291-335 ms per tensor; with 64 Ki, 324-361 ms, the same
-within this machine's noise). ``BATCH_ELEMENTS`` holds the budget per device
-type. A tensor larger than the budget stays on ``adafactor.py``'s blocked
-per-tensor path, as do sharded tensors (their sums cross ranks); buckets are
-split so that none exceeds it, which also bounds a bucket's temporaries (the
-stacked direction, its square, the scaled direction).
+pass where the per-tensor path reads each tensor in 2048-row blocks (so the
+two paths agree to float rounding; bit for bit where a tensor has at most
+2048 rows, as tested). That trade pays where a kernel launch costs as much as
+the kernel: on a GPU, tensors up to a few million elements; on a CPU only
+small ones (measured on GPT-2-small-shaped parameters, 2 cores: buckets of up
+to 4 Mi elements made the step 484 ms against 291-335 ms per tensor; with
+64 Ki, 324-361 ms, the same within this machine's noise). ``BATCH_ELEMENTS``
+holds the budget per device type. A tensor larger than the budget stays on
+``adafactor.py``'s blocked per-tensor path, as do sharded tensors (their sums
+cross ranks) and empty ones; buckets are split so that none exceeds it, and
+buckets are applied one at a time, which bounds the full-size temporaries to
+one bucket's (the stacked direction and its scaled copy).
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._tensor_lists import scale_
+from ._tensor_lists import host_values, scale_
 
-# Elements per bucket by device type (see the module docstring): 64 Ki on CPU; 4 Mi elsewhere, 16 MiB per
-# fp32 temporary, three alive at a time. The GPU figure is the size below which a kernel is launch-bound.
+# Elements per bucket by device type (see the module docstring): 64 Ki on CPU, measured; 4 Mi elsewhere
+# (16 MiB per fp32 temporary, two alive at a time), chosen as the size below which a GPU kernel is
+# usually launch-bound, not tuned on a GPU.
 BATCH_ELEMENTS = {"cpu": 1 << 16, "other": 1 << 22}
 _FULL_PRECISION = (torch.float32, torch.float64)
 
@@ -68,7 +73,7 @@ def plan(params: list, layouts: list, factored) -> Plan:
     per_tensor = []
     for i, (p, layout) in enumerate(zip(params, layouts)):
         key = (p.device, p.dtype)
-        if layout is not None or p.numel() > _budget(p.device):
+        if layout is not None or p.numel() == 0 or p.numel() > _budget(p.device):
             per_tensor.append(i)
         elif not factored(p):
             families[key].unfactored.append(i)
@@ -138,23 +143,33 @@ def precondition_and_step(plan: Plan, group: dict, params: list, directions: lis
 
 
 class _Bucket:
-    """U = d · r · c of a stack of same-shaped factored tensors (``adafactor._Preconditioned``, stacked)."""
+    """U = d · r · c of a stack of same-shaped factored tensors (``adafactor._Preconditioned``, stacked).
+
+    The stacked direction is a copy; it is made once to measure ‖U‖ and again, one bucket at a time, to
+    apply U, so that at most one bucket's full-size temporaries exist at once (not one copy of every
+    batched tensor). Cost: a second stacking copy of the batched tensors per update.
+    """
 
     def __init__(self, directions: list, states: list, v_scale: float) -> None:
         self.v_scale = v_scale
-        self.direction = _full(torch.stack(directions))
+        self.directions = directions
         self.row = torch.stack([s["exp_avg_sq_row"] for s in states])
         self.col = torch.stack([s["exp_avg_sq_col"] for s in states])
-        self.rows = self.direction.shape[-2]
+        self.rows = directions[0].shape[-2]
         self.row_sum = self.row.sum(dim=-1, keepdim=True)
-        q = self.direction.square().div_(self.row.unsqueeze(-1)).sum(dim=-2)  # Σ_i d_ij² / R_i
+        q = self._stacked().square_().div_(self.row.unsqueeze(-1)).sum(dim=-2)  # Σ_i d_ij² / R_i
         mean_row = self.row_sum / self.rows
         self.u_sq = (mean_row * (q / self.col).sum(dim=-1, keepdim=True)).flatten(1).sum(dim=1) * self.v_scale**2
+
+    def _stacked(self) -> torch.Tensor:
+        """A fresh full-precision copy of the bucket's directions (safe to change in place)."""
+        stacked = torch.stack(self.directions)
+        return stacked if stacked.dtype in _FULL_PRECISION else stacked.float()
 
     def scaled_rows(self, coef: torch.Tensor) -> tuple[list, list]:
         """(d·c, r·coef) per tensor: ``p.addcmul_(d·c, r·coef)`` adds coef·U."""
         row_scale = (self.row_sum / self.rows / self.row).sqrt_().mul_(self.v_scale)
-        scaled = self.direction * self.col.rsqrt().unsqueeze(-2)
+        scaled = self._stacked().mul_(self.col.rsqrt().unsqueeze(-2))
         coef = coef.view((-1,) + (1,) * (row_scale.dim() - 1))
         return list(scaled.unbind(0)), list((row_scale * coef).unsqueeze(-1).unbind(0))
 
@@ -164,7 +179,7 @@ def _family_step(family: _Family, group, params, directions, states, *, t, v_sca
     order = family.order
     ps, ss = _pick(params, order), _pick(states, order)
     acc = torch.float64 if ps[0].dtype == torch.float64 else torch.float32
-    numel = torch.tensor([p.numel() for p in ps], dtype=acc, device=ps[0].device)
+    numel = host_values([p.numel() for p in ps], acc, ps[0].device)
 
     u_sq, update = [], []  # update: unfactored U tensors; buckets hold their own factors
     if family.unfactored:
@@ -188,7 +203,7 @@ def _family_step(family: _Family, group, params, directions, states, *, t, v_sca
 
     if momentum_on_update:
         targets, coef = [s["exp_avg"] for s in ss], step * (1.0 - beta1)
-        torch._foreach_mul_(targets, beta1)
+        scale_(targets, beta1)  # a bf16 momentum decays by beta1 itself
     else:
         targets, coef = ps, -step
         if weight_decay:

@@ -231,7 +231,9 @@ def test_deepcopy_of_wrappers_keeps_their_settings():
     (lambda p: optim.SGD(p, lr=1e-3, momentum=0.9, momentum_dtype=torch.bfloat16, accum_steps=2), "momentum_buffer"),
     (lambda p: optim.AdaFactor(p, beta1=0.9, momentum_on="grad", momentum_dtype=torch.bfloat16, accum_steps=2),
      "exp_avg"),
-], ids=["adamw", "adax", "sgd", "adafactor"])
+    # transformers' form (momentum on the update): zero gradients make U = 0, so m ← β1·m at the boundary
+    (lambda p: optim.AdaFactor(p, beta1=0.9, momentum_dtype=torch.bfloat16, accum_steps=2), "exp_avg"),
+], ids=["adamw", "adax", "sgd", "adafactor", "adafactor_update_form"])
 def test_bf16_momentum_decays_by_beta1_itself(make, key):
     """A cycle of zero gradients leaves m = bf16(0.9·m): the factor is applied in fp32, not first rounded to
     bf16 (0.8984375, which torch's foreach scalar ops on CPU would use: 1.5% too little momentum)."""

@@ -290,9 +290,13 @@ def test_adafactor_blocked_statistics_match_a_direct_reduction():
     {"beta1": 0.9, "weight_decay": 0.1},
     {"beta1": 0.9, "momentum_on": "grad", "momentum_dtype": torch.bfloat16, "weight_decay": 0.1},
     {"lr": 1e-2, "relative_step": False, "scale_parameter": False, "beta2": 0.99, "beta1": 0.9, "momentum_on": "grad"},
-], ids=["transformers_defaults", "update_momentum_wd", "grad_momentum_bf16", "fixed_beta2"])
+    {"beta1": 0.9, "momentum_dtype": torch.bfloat16, "weight_decay": 0.1},
+    {"lr": 1e-2, "relative_step": False, "clip_threshold": 1e-3, "min_dim_size_to_factor": 32, "dtype": torch.float64},
+], ids=["transformers_defaults", "update_momentum_wd", "grad_momentum_bf16", "fixed_beta2", "update_momentum_bf16",
+        "clipped_unfactored_float64"])
 def test_adafactor_stacked_buckets_equal_the_per_tensor_path(monkeypatch, settings, k):
-    """Same-shaped tensors stacked (and 1-D ones as foreach lists) give the per-tensor path's result bit for bit."""
+    """Same-shaped tensors stacked (and 1-D ones as foreach lists) give the per-tensor path's result bit for bit
+    (these tensors have at most 2048 rows; longer ones the per-tensor path sums in row blocks)."""
     from tiny_models import tiny_gpt2, token_batches
 
     from leantrain.optim import _adafactor_batched
@@ -300,8 +304,9 @@ def test_adafactor_stacked_buckets_equal_the_per_tensor_path(monkeypatch, settin
     runs = []
     for budget in (_adafactor_batched.BATCH_ELEMENTS, {"cpu": 0, "other": 0}):  # 0: all per tensor
         monkeypatch.setattr(_adafactor_batched, "BATCH_ELEMENTS", budget)
-        model = tiny_gpt2()
-        opt = optim.AdaFactor(model.parameters(), accum_steps=k, **settings)
+        options = dict(settings)
+        model = tiny_gpt2().to(options.pop("dtype", torch.float32))
+        opt = optim.AdaFactor(model.parameters(), accum_steps=k, **options)
         for ids in token_batches(3 * k):
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
@@ -314,3 +319,18 @@ def test_adafactor_stacked_buckets_equal_the_per_tensor_path(monkeypatch, settin
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(stacked_state[i][key], value), key
+
+
+def test_adafactor_steps_beside_an_empty_tensor():
+    """An empty (0 × n) parameter is left to the per-tensor path; its neighbours step as without it."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 4, generator=gen)
+    alone, beside = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    empty = torch.zeros(0, 4, requires_grad=True)
+    opts = optim.AdaFactor([alone]), optim.AdaFactor([empty, beside])
+    for _ in range(3):
+        grad = torch.randn(4, 4, generator=gen)
+        alone.grad, beside.grad, empty.grad = grad.clone(), grad.clone(), torch.zeros(0, 4)
+        for opt in opts:
+            opt.step()
+    assert torch.equal(alone, beside) and empty.shape == (0, 4)
