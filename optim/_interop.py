@@ -47,9 +47,17 @@ def to_native(optimizer, state_dict: dict) -> dict:
     return native
 
 
+# How an update runs, not what it computes: the optimizer being loaded into keeps its own setting (a run
+# checkpointed with compiled=True may resume on a machine without a compiler).
+IMPLEMENTATION_KEYS = ("compiled",)
+
+
 def _fill_group_defaults(optimizer, state_dict: dict) -> dict:
     """A leantrain state dict from an older version may lack newer group keys: take ours."""
-    groups = [{**_own_keys(current), **saved} for current, saved in zip(optimizer.param_groups, state_dict["param_groups"])]
+    groups = []
+    for current, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
+        own = _own_keys(current)
+        groups.append({**own, **saved, **{k: own[k] for k in IMPLEMENTATION_KEYS if k in own}})
     return {**state_dict, "param_groups": groups}
 
 

@@ -45,7 +45,27 @@ def scale_(tensors: list[torch.Tensor], factor: float) -> None:
     if all(t.dtype in (torch.float32, torch.float64) for t in tensors):
         torch._foreach_mul_(tensors, factor)
         return
-    torch._foreach_mul_(tensors, torch.full((), factor, dtype=torch.float32, device=tensors[0].device))
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:  # one list may span devices (a model placed over several GPUs)
+        by_device.setdefault(t.device, []).append(t)
+    for device, same in by_device.items():
+        torch._foreach_mul_(same, torch.full((), factor, dtype=torch.float32, device=device))
+
+
+def host_values(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 1-D tensor of host numbers on ``device`` without a host synchronisation.
+
+    ``torch.tensor(values, device="cuda")`` copies from pageable memory and
+    waits for the stream, stalling the host once per call; from pinned memory
+    the copy is asynchronous (the caching host allocator keeps the buffer alive
+    until the copy has run).
+    """
+    vector = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return vector
+    if device.type == "cuda":
+        vector = vector.pin_memory()
+    return vector.to(device, non_blocking=True)
 
 
 def clip_rms_(directions: list[torch.Tensor], max_rms: float | None, layouts: list[Layout | None] | None = None) -> None:

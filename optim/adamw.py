@@ -22,8 +22,9 @@ dispatches to torch's fused AdamW kernel (one pass over memory instead of ~9
 for the multi-tensor path; 5× faster on CPU); a test shows both paths agree.
 ``max_update_rms`` clips each tensor's ``m̂/(√v̂+ε)`` to that RMS.
 ``compiled=True`` runs the k > 1 folds and the boundary update through
-``torch.compile`` (``_compiled``): one pass per tensor, about torch's fused
-kernel's time, after a compile on first use.
+``torch.compile`` (``_compiled``): one pass per tensor, 0.93-1.17× torch's
+fused kernel's time on CPU (benchmarks/results/optim_step.md), after a
+compile on first use.
 
 torch's keywords are all accepted: ``maximize`` and ``amsgrad`` are
 implemented; ``foreach`` (None/True: leantrain is multi-tensor), ``fused``
@@ -250,6 +251,10 @@ def _check_compilable(group: dict) -> None:
     if low:
         raise ValueError(f"compiled=True: a {low[0]} parameter is updated through fp32 working copies chunk by "
                          "chunk, which the compiled update does not do; use compiled=False or fp32 parameters")
+    kinds = {(p.device, p.dtype.to_real()) for p in group["params"]}
+    if len(kinds) > 1:  # one compiled call takes the whole list, its scalars in the list's dtype
+        raise ValueError("compiled=True: a group's parameters must share one device and one precision (found "
+                         + ", ".join(sorted(f"{d} {t}" for d, t in kinds)) + "); put them in separate param groups")
 
 
 def _adamw_fold(exp_avgs, exp_avg_sqs, grads, *, decay1, decay2, weight1, weight2) -> None:

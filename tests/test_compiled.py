@@ -40,12 +40,30 @@ def _assert_equal_runs(a, b):
 
 
 @pytest.mark.parametrize("mode", ["exact", "ema"])
-def test_compiled_equals_the_eager_path(mode):
+def test_compiled_equals_the_eager_path(mode, monkeypatch):
+    calls = []
+    fold_and_apply = _compiled.adamw_fold_and_apply
+    monkeypatch.setattr(_compiled, "adamw_fold_and_apply", lambda *a, **kw: calls.append(1) or fold_and_apply(*a, **kw))
     stream = grad_stream(3 * K, SHAPES)
     compiled, opt = _run(True, stream, mode=mode)
+    assert len(calls) == 3  # every boundary's fold went with its update
     eager, _ = _run(False, stream, mode=mode)
     _assert_equal_runs(compiled, eager)
-    assert "fold_and_apply" in _compiled._COMPILED  # the boundary's fold went with the update
+
+
+def test_the_compiled_setting_is_the_loading_optimizers_own():
+    """A checkpoint of a compiled run resumes in an eager optimizer (a machine without a compiler), and back."""
+    params = _params()
+    opt = optim.AdamW(params, lr=0.05, accum_steps=K, compiled=True)
+    for grads in grad_stream(K + 1, SHAPES):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    eager = optim.AdamW(_params(), lr=0.05, accum_steps=K)
+    eager.load_state_dict(opt.state_dict())
+    assert eager.param_groups[0]["compiled"] is False and eager.micro_step == K + 1
+    opt.load_state_dict(eager.state_dict())
+    assert opt.param_groups[0]["compiled"] is True
 
 
 def test_a_changing_learning_rate_does_not_recompile():
@@ -87,3 +105,9 @@ def test_bf16_parameters_and_layer_adaptation_are_refused():
         optim.AdamW([p.detach().bfloat16().requires_grad_() for p in _params()], accum_steps=K, compiled=True)
     with pytest.raises(ValueError, match="LayerAdaptation: base has compiled=True"):
         optim.LayerAdaptation(optim.AdamW(_params(), accum_steps=K, compiled=True))
+
+
+def test_a_group_mixing_precisions_is_refused():
+    mixed = [torch.zeros(2, requires_grad=True), torch.zeros(2, dtype=torch.float64, requires_grad=True)]
+    with pytest.raises(ValueError, match=r"compiled=True: a group's parameters must share one device and one precision"):
+        optim.AdamW(mixed, compiled=True)
