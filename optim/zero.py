@@ -167,8 +167,8 @@ def _zero_stage3_padding(zero_optimizer) -> None:
         return
     with torch.no_grad():
         for flat, tensors, pads in zip(flats, partitions, paddings):
-            if flat.numel() == 0:  # swapped out to NVMe: DeepSpeed's swapper owns it
-                continue
+            if flat.numel() == 0 or any(t.numel() < pad for t, pad in zip(tensors, pads)):
+                continue  # swapped out to NVMe (a placeholder buffer stands in): DeepSpeed's swapper owns it
             offset = 0
             for tensor, pad in zip(tensors, pads):
                 if pad:
