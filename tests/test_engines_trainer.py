@@ -203,3 +203,40 @@ def test_a_compiled_model_trains_the_same_curve(workdir, tmp_path):
     compiled = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(compiled) == len(losses) == 3
     assert compiled == pytest.approx(losses, rel=1e-5)
+
+
+@pytest.mark.parametrize("config,optimizer,extra", [
+    ("zero2_offload", {"name": "AdamW", "lr": 3e-3}, {}),
+    ("zero3_offload", {"name": "AdamW", "lr": 3e-3}, {}),
+    # standard mode: DeepSpeed accumulates k micro-batches itself and clips the averaged gradient
+    ("zero2", {"name": "AdamW", "lr": 3e-3, "max_grad_norm": 0.05}, {"accumulation": {"mode": "standard"}}),
+], ids=["zero2-offload", "zero3-offload", "zero2-standard-clipped"])
+def test_offloaded_and_standard_mode_deepspeed_equal_the_single_process_run(workdir, tmp_path, config, optimizer,
+                                                                            extra):
+    """The shipped offload configs (optimizer state in host memory) and DeepSpeed's own accumulation with
+    the recipe's clipping train the single-process curve: one update per k micro-batches, not k."""
+    root, files = workdir
+    recipe = _recipe(root, files, f"run-{config}-{len(extra)}", optimizer, **extra)
+    reference = _single_process(recipe, tmp_path)
+    out = tmp_path / config
+    done = _launch(config, recipe, f"output_dir={out}")
+    assert done.returncode == 0, done.stderr[-4000:]
+    _assert_same_run(out, reference)
+    assert [m["update"] for m in metrics(out)] == [1, 2, 3]
+
+
+def test_an_engine_that_cannot_run_is_one_line(monkeypatch, tmp_path):
+    from trainer_helpers import tiny_lm_recipe
+
+    from leantrain.trainer.engines import build_engine
+    from leantrain.trainer.errors import RecipeError
+
+    recipe = tiny_lm_recipe(tmp_path, {"train": str(tmp_path / "t.jsonl")})
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(RecipeError, match=r"fsdp_config.fsdp_version: 1: leantrain runs FSDP2 \(fully_shard\) only"):
+        build_engine(recipe, "r.yaml")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if it were not installed
+    with pytest.raises(RecipeError, match=r"DEEPSPEED is requested but the deepspeed package is not installed"):
+        build_engine(recipe, "r.yaml")
