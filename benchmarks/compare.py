@@ -1,6 +1,6 @@
 """End to end: ``transformers.Trainer`` against ``leantrain train``, same model, data, batch, k, precision and updates.
 
-    flock /tmp/cpu.lock python benchmarks/compare.py [--size default|quickstart|tiny|large] [--updates 12]
+    python benchmarks/compare.py [--size default|quickstart|tiny|large] [--updates 12]
                         [--micro-batch 4] [--k 4] [--seq 128] [--repeats 3] [--warmup 2] [--configs a,b]
                         [--device cpu|cuda] [--precision fp32|bf16] [--threads N] [--code-ref HEAD] [--wait-idle 60]
                         [--timeout 900] [--out benchmarks/results] [--keep] [--smoke]

@@ -1,6 +1,6 @@
 """Whether ``model.compile: true`` and AdamW's ``compiled=True`` win, and what they cost.
 
-    flock /tmp/cpu.lock python benchmarks/compile.py [--size quickstart|medium|tiny] [--updates 20] [--warmup 2]
+    python benchmarks/compile.py [--size quickstart|medium|tiny] [--updates 20] [--warmup 2]
                         [--repeats 2] [--k 4] [--micro-batch N] [--configs a,b] [--threads N] [--timeout 900]
                         [--out benchmarks/results] [--keep] [--smoke]
 
@@ -56,7 +56,7 @@ n = 1 + ⌈(first_c − first_twin) / (steady_twin − steady_c)⌉ on.
 ``--smoke`` (tiny model, 4 updates, 1 repeat, AdamW unfused with both
 switches off and on) takes about 2 minutes and checks the plumbing only; its
 numbers mean nothing. It writes into a temporary folder unless ``--out`` is
-given. Run under ``flock /tmp/cpu.lock`` on the shared machine.
+given. Run it on an otherwise idle machine: every figure is a wall time.
 Writes ``compile.{json,md}`` into ``--out``.
 """
 
