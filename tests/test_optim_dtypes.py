@@ -197,6 +197,25 @@ def test_non_contiguous_parameters_equal_the_contiguous_run(case, k, fused):
     assert_close_lists(runs[0], runs[1], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+def test_a_contiguous_gradient_on_a_strided_parameter_equals_the_contiguous_run(case, k):
+    """``.grad`` set by hand (or by DDP's buckets) is contiguous whatever the parameter's strides; torch's fused
+    AdamW kernel reads both as flat memory, so dispatching it here stepped each element with another's gradient."""
+    strided, contiguous = _strided()
+    runs = []
+    for params in (strided, contiguous):
+        opt = case.build(params, accum_steps=k)
+        gen = torch.Generator().manual_seed(7)
+        for _ in range(3 * k):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)  # contiguous
+            opt.step()
+            opt.zero_grad()
+        runs.append(params)
+    assert_close_lists(runs[0], runs[1], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_deepcopy_keeps_the_cycle_position(case):
     params = _params(torch.float32)
