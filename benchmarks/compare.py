@@ -82,8 +82,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _runs import CODE_DIRS, export_code, wait_for_idle
+
 REPO = Path(__file__).resolve().parent.parent
-CODE_DIRS = ["optim", "trainer", "integrations", "launch", "recipes"]  # the leantrain.* packages
 BASELINE = "hf_adamw"
 LEAN_ADAFACTOR = "lt_adafactor_fused"
 SPEED_TARGET, MEMORY_TARGET = 0.95, 0.55
@@ -301,23 +302,6 @@ def hf_worker(name: str, spec: dict, out: Path) -> dict:
 
 
 # ------------------------------------------------------------------ runs
-def cpu_idle(seconds: float = 2.0) -> float:
-    """Fraction of CPU time idle over ``seconds`` (/proc/stat), all cores."""
-    def sample():
-        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-        return fields[3] + fields[4], sum(fields)
-    (idle0, total0), _, (idle1, total1) = sample(), time.sleep(seconds), sample()
-    return (idle1 - idle0) / max(1, total1 - total0)
-
-
-def wait_for_idle(limit_s: float, threshold: float = 0.9) -> float:
-    """Shared machine: wait (at most ``limit_s``) until other work leaves the CPU idle; returns the last idle."""
-    deadline, idle = time.monotonic() + limit_s, cpu_idle()
-    while idle < threshold and time.monotonic() < deadline:
-        idle = cpu_idle()
-    return idle
-
-
 def _busy_ticks() -> int:
     fields = [int(x) for x in open("/proc/stat").readline().split()[1:8]]
     return sum(fields) - fields[3] - fields[4]
@@ -616,15 +600,6 @@ def versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
-
-
-def export_code(ref: str, root: Path) -> Path:
-    """``git archive REF`` of the leantrain packages laid out as ``leantrain.*`` (for PYTHONPATH)."""
-    dest = root / "code"
-    (dest / "leantrain").mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", ref, *CODE_DIRS], cwd=REPO, capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(dest / "leantrain")], input=archive.stdout, check=True)
-    return dest
 
 
 def code_info(ref: str | None) -> dict:

@@ -98,8 +98,9 @@ from pathlib import Path
 
 import yaml
 
+from _runs import CODE_DIRS, export_code
+
 REPO = Path(__file__).resolve().parent.parent
-CODE_DIRS = ["optim", "trainer", "integrations", "launch", "recipes"]  # the leantrain.* packages
 MODES = ("standard", "exact", "ema")
 LOWER_IS_BETTER = {"eval_loss": True, "eval_accuracy": False}
 METRIC_NAMES = {"eval_loss": "final eval loss", "eval_accuracy": "final eval accuracy"}
@@ -199,15 +200,6 @@ def plan_runs(args, root: Path, code: Path | None) -> tuple[list[dict], dict]:
 
 
 # ------------------------------------------------------------------- runs
-def export_code(ref: str, root: Path) -> Path:
-    """``git archive REF`` of the leantrain packages laid out as ``leantrain.*`` (for PYTHONPATH)."""
-    dest = root / "code"
-    (dest / "leantrain").mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", ref, *CODE_DIRS], cwd=REPO, capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(dest / "leantrain")], input=archive.stdout, check=True)
-    return dest
-
-
 def code_info(ref: str | None) -> dict:
     """Which leantrain code ran: a git ref's export, or the working tree (with its uncommitted changes)."""
     def git(*a):

@@ -47,6 +47,8 @@ import sys
 import time
 from pathlib import Path
 
+from _runs import wait_for_idle
+
 RESULTS = Path(__file__).parent / "results"
 WARMUP = 2
 BASELINE = "torch_adamw_grad_accum"
@@ -166,23 +168,6 @@ def worker(name: str, device_name: str, seq: int, k: int) -> dict:
         final_loss=float(loss), torch=torch.__version__, transformers=transformers.__version__,
         threads=torch.get_num_threads(),
     )
-
-
-def cpu_idle(seconds: float = 2.0) -> float:
-    """Fraction of CPU time idle over ``seconds`` (/proc/stat), all cores."""
-    def sample():
-        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-        return fields[3] + fields[4], sum(fields)
-    (idle0, total0), _, (idle1, total1) = sample(), time.sleep(seconds), sample()
-    return (idle1 - idle0) / max(1, total1 - total0)
-
-
-def wait_for_idle(limit_s: float, threshold: float = 0.9) -> float:
-    """Shared machine: wait (at most ``limit_s``) until other work leaves the CPU idle."""
-    deadline, idle = time.monotonic() + limit_s, cpu_idle()
-    while idle < threshold and time.monotonic() < deadline:
-        idle = cpu_idle()
-    return idle
 
 
 def run_worker(name: str, args) -> dict:

@@ -66,12 +66,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from _runs import CODE_DIRS, export_code, wait_for_idle
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "launch" / "accelerate"
 WRAPPER = Path(__file__).resolve().parent / "scaling_rank.py"
 ENGINES = ["ddp", "fsdp2", "zero1", "zero2", "zero3"]
 BASELINE = ("ddp", 1)
-CODE_DIRS = ["optim", "trainer", "integrations", "launch", "recipes"]  # the leantrain.* packages
 K = 4
 SEQ = 128
 GLOBAL_MICRO = 4  # sequences per micro-step over all ranks
@@ -148,15 +149,6 @@ def error_line(stderr: str, stdout: str, rank_records: list[dict]) -> str:
     return (exc[-1] if exc else lines[-1] if lines else "no output")[:400]
 
 
-def export_code(ref: str, root: Path) -> Path:
-    """``git archive REF`` of the leantrain packages laid out as ``leantrain.*`` (for PYTHONPATH)."""
-    dest = root / "code"
-    (dest / "leantrain").mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", ref, *CODE_DIRS], cwd=REPO, capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(dest / "leantrain")], input=archive.stdout, check=True)
-    return dest
-
-
 def code_info(ref: str | None) -> dict:
     """Which leantrain code ran: a git ref's export, or the working tree (with its uncommitted changes)."""
     git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
@@ -167,23 +159,6 @@ def code_info(ref: str | None) -> dict:
 
 
 # -------------------------------------------------------------------- runs
-def cpu_idle(seconds: float = 2.0) -> float:
-    """Fraction of CPU time idle over ``seconds`` (/proc/stat), all cores."""
-    def sample():
-        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-        return fields[3] + fields[4], sum(fields)
-    (idle0, total0), _, (idle1, total1) = sample(), time.sleep(seconds), sample()
-    return (idle1 - idle0) / max(1, total1 - total0)
-
-
-def wait_for_idle(limit_s: float, threshold: float = 0.9) -> float:
-    """Shared machine: wait (at most ``limit_s``) until other work leaves the CPU idle; returns the last idle."""
-    deadline, idle = time.monotonic() + limit_s, cpu_idle()
-    while idle < threshold and time.monotonic() < deadline:
-        idle = cpu_idle()
-    return idle
-
-
 def run_one(engine: str, ranks: int, repeat: int, recipe: Path, root: Path, timeout: float,
             code: Path | None, wait_idle: float) -> dict:
     out = root / f"{engine}-{ranks}-r{repeat}"

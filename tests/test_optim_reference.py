@@ -8,7 +8,6 @@ import pytest
 import torch
 from helpers import (
     assert_close_lists,
-    clone_params,
     grad_stream,
     make_params,
     run_micro_steps,

@@ -4,7 +4,6 @@ resumes bit-identically; corrupt checkpoints are skipped; no secret reaches outp
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal

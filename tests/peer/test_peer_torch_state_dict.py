@@ -16,7 +16,7 @@ from copy import deepcopy
 
 import pytest
 import torch
-from peer_support import TORCH_EQUIVALENT, case_params, fresh, quadratic_loss, torch_kwargs, weight_bias_input
+from peer_support import TORCH_EQUIVALENT, case_params, fresh, quadratic_loss, torch_kwargs
 from torch.nn import Parameter
 
 from leantrain import optim as lt
